@@ -1,0 +1,3 @@
+from lorakit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,308 @@
+"""LoRA layers: wrap a frozen base layer and hold any number of named adapters.
+
+`LoraLinear` wraps `nn.Linear` and transformers' GPT-2 `Conv1D`, `LoraEmbedding` wraps
+`nn.Embedding`, `LoraConv2d` wraps `nn.Conv2d`. State uses PEFT's names (`lora_A`,
+`lora_B`, `lora_embedding_A/B`), each a ParameterDict keyed by adapter name, so saving
+an adapter in PEFT's format is a key rename.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from copy import deepcopy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lorakit import ops
+
+SUPPORTED_TYPES = "nn.Linear, transformers' Conv1D, nn.Embedding and nn.Conv2d"
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 `Conv1D`: a linear layer whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_supported(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)) or is_conv1d(module)
+
+
+class LoraLayer(nn.Module):
+    """Adapter bookkeeping shared by every LoRA layer; subclasses add shapes and math."""
+
+    a_name = "lora_A"
+    b_name = "lora_B"
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.add_module(self.a_name, nn.ParameterDict())
+        self.add_module(self.b_name, nn.ParameterDict())
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}
+        self.active_adapters: tuple[str, ...] = ()
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        # The weight as it was before the first merge, when merging was asked to keep it:
+        # unmerge then restores W bit for bit instead of subtracting ΔW in floating point.
+        self.register_buffer("original_weight", None, persistent=False)
+
+    def __getattr__(self, name: str):
+        # Code that reads `layer.weight`, `layer.in_features`, ... sees the base layer's.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    @property
+    def A_table(self) -> nn.ParameterDict:
+        """Adapter name -> A (PEFT's lora_A, or lora_embedding_A for embeddings)."""
+        return self._modules[self.a_name]
+
+    @property
+    def B_table(self) -> nn.ParameterDict:
+        return self._modules[self.b_name]
+
+    # -- shapes, supplied by subclasses ------------------------------------------------
+
+    def adapter_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> Tensor:
+        """ΔW of adapter `name` in float32, in the base weight's own layout."""
+        raise NotImplementedError
+
+    @property
+    def base_weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    # -- adapters ------------------------------------------------------------------------
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.A_table.keys())
+
+    def adapter_params(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        return self.A_table[name], self.B_table[name]
+
+    def add_adapter(self, name: str, r: int, lora_alpha: float, scale: float, dropout: float,
+                    init: bool | str, dtype: torch.dtype | None = None) -> None:
+        assert name not in self.A_table, f"adapter {name!r} exists on this layer"
+        weight = self.base_weight
+        dtype = dtype or weight.dtype
+        a_shape, b_shape = self.adapter_shapes(r)
+        a = torch.empty(a_shape, device=weight.device, dtype=dtype)
+        b = torch.empty(b_shape, device=weight.device, dtype=dtype)
+        with torch.no_grad():
+            self.init_adapter(a, b, r, init)
+        self.A_table[name] = nn.Parameter(a)
+        self.B_table[name] = nn.Parameter(b)
+        self.r[name], self.lora_alpha[name], self.scaling[name] = r, lora_alpha, scale
+        self.lora_dropout[name] = dropout
+
+    def init_adapter(self, a: Tensor, b: Tensor, r: int, init: bool | str) -> None:
+        """A random, B zero (ΔW = 0) for True and "gaussian"; both random for False."""
+        if init == "gaussian":
+            nn.init.normal_(a, std=1.0 / r)
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if init is False:
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(b)
+
+    def delete_adapter(self, name: str) -> None:
+        assert name not in self.merged_adapters, "unmerge before deleting a merged adapter"
+        for table in (self.A_table, self.B_table):
+            del table[name]
+        for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout):
+            del table[name]
+        self.active_adapters = tuple(a for a in self.active_adapters if a != name)
+
+    def set_active(self, names: Iterable[str]) -> None:
+        self.active_adapters = tuple(n for n in names if n in self.A_table)
+
+    def unmerged_active(self) -> list[str]:
+        if self.disabled:
+            return []
+        return [n for n in self.active_adapters if n not in self.merged_adapters]
+
+    # -- merging -------------------------------------------------------------------------
+
+    def merge(self, names: Iterable[str], keep_original: bool = True) -> None:
+        """W ← W + Σ ΔW, the sum taken in float32 and rounded once."""
+        names = [n for n in names if n not in self.merged_adapters]
+        if not names:
+            return
+        weight = self.base_weight
+        delta = sum(self.delta_weight(n) for n in names)
+        with torch.no_grad():
+            if keep_original and not self.merged_adapters:
+                self.original_weight = weight.detach().clone()
+            weight.copy_(ops.merge_weight(weight, delta))
+        self.merged_adapters.extend(names)
+
+    def unmerge(self) -> None:
+        """Undo every merge: exact when the original was kept, else W ← W − Σ ΔW."""
+        if not self.merged_adapters:
+            return
+        weight = self.base_weight
+        with torch.no_grad():
+            if self.original_weight is not None:
+                weight.copy_(self.original_weight)
+            else:
+                delta = sum(self.delta_weight(n) for n in self.merged_adapters)
+                weight.copy_(ops.merge_weight(weight, delta, sign=-1.0))
+        self.original_weight = None
+        self.merged_adapters = []
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={self.r[n]}" for n in self.adapter_names)
+        return f"adapters=({ranks}), active={list(self.active_adapters)}, merged={self.merged_adapters}"
+
+
+class LoraLinear(LoraLayer):
+    """y = base(x) + Σ_active s·B·A·dropout(x), for nn.Linear and GPT-2's Conv1D."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        w = base_layer.weight
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+
+    def adapter_shapes(self, r: int):
+        return (r, self.in_features), (self.out_features, r)
+
+    def delta_weight(self, name: str) -> Tensor:
+        delta = ops.lora_delta(self.A_table[name], self.B_table[name], self.scaling[name])  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.unmerged_active():
+            branch = ops.lora_branch(x, self.A_table[name], self.B_table[name], self.scaling[name],
+                                     self.lora_dropout[name], self.training)
+            result = result + branch.to(result.dtype)
+        return result
+
+
+class LoraEmbedding(LoraLayer):
+    """E[ids] + Σ_active s·(B·A)ᵀ[ids], with PEFT's layout A: (r, num), B: (dim, r)."""
+
+    a_name = "lora_embedding_A"
+    b_name = "lora_embedding_B"
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+    def adapter_shapes(self, r: int):
+        num, dim = self.base_layer.weight.shape
+        return (r, num), (dim, r)
+
+    def init_adapter(self, a: Tensor, b: Tensor, r: int, init: bool | str) -> None:
+        # A gathers rows by token id, so it is the factor left at zero (as PEFT does).
+        if init is False:
+            nn.init.normal_(a)
+            nn.init.normal_(b)
+        elif init == "gaussian":
+            nn.init.zeros_(a)
+            nn.init.normal_(b, std=1.0 / r)
+        else:
+            nn.init.zeros_(a)
+            nn.init.normal_(b)
+
+    def delta_weight(self, name: str) -> Tensor:
+        return ops.embedding_delta(self.A_table[name], self.B_table[name], self.scaling[name])
+
+    def forward(self, ids: Tensor, *args, **kwargs) -> Tensor:
+        result = self.base_layer(ids, *args, **kwargs)
+        base = self.base_layer
+        for name in self.unmerged_active():
+            a, b = self.A_table[name], self.B_table[name]
+            h = F.embedding(ids, a.T, base.padding_idx, base.max_norm, base.norm_type,
+                            base.scale_grad_by_freq, base.sparse)  # (..., r)
+            result = result + (h @ b.T * self.scaling[name]).to(result.dtype)
+        return result
+
+
+class LoraConv2d(LoraLayer):
+    """y = conv(x) + Σ_active s·B(A(dropout(x))): A a conv with the base's geometry, B 1×1."""
+
+    def __init__(self, base_layer: nn.Conv2d) -> None:
+        if base_layer.groups != 1:
+            raise ValueError(f"LoRA on Conv2d needs groups=1, found groups={base_layer.groups}")
+        if base_layer.padding_mode != "zeros":
+            raise ValueError(f"LoRA on Conv2d needs padding_mode='zeros', found {base_layer.padding_mode!r}")
+        super().__init__(base_layer)
+
+    def adapter_shapes(self, r: int):
+        out, cin, kh, kw = self.base_layer.weight.shape
+        return (r, cin, kh, kw), (out, r, 1, 1)
+
+    def delta_weight(self, name: str) -> Tensor:
+        return ops.lora_delta(self.A_table[name], self.B_table[name], self.scaling[name])
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        base = self.base_layer
+        for name in self.unmerged_active():
+            branch = ops.lora_conv2d_branch(x, self.A_table[name], self.B_table[name], self.scaling[name],
+                                            base.stride, base.padding, base.dilation,
+                                            self.lora_dropout[name], self.training)
+            result = result + branch.to(result.dtype)
+        return result
+
+
+def wrap(module: nn.Module) -> LoraLayer:
+    """The LoRA layer for a supported base module."""
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module)
+    if isinstance(module, nn.Conv2d):
+        return LoraConv2d(module)
+    if isinstance(module, nn.Linear) or is_conv1d(module):
+        return LoraLinear(module)
+    raise ValueError(f"lorakit adapts {SUPPORTED_TYPES}; found {type(module).__name__}")
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full per adapter (e.g. a classification head).
+
+    Each adapter gets its own trainable copy; the original stays frozen and is what
+    the model uses when no adapter with a copy is active or adapters are disabled.
+    """
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disabled = False
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "original_module":
+                raise
+            return getattr(self.current, name)
+
+    @property
+    def current(self) -> nn.Module:
+        if not self.disabled and self.active_adapter in self.modules_to_save:
+            return self.modules_to_save[self.active_adapter]
+        return self.original_module
+
+    def add_adapter(self, name: str) -> None:
+        copy = deepcopy(self.original_module)
+        for p in copy.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[name] = copy
+
+    def forward(self, *args, **kwargs):
+        return self.current(*args, **kwargs)
