@@ -56,9 +56,11 @@ def _bias_params(model: nn.Module, config: LoraConfig, adapted: set[str]) -> dic
     for name, p in model.named_parameters():
         if not name.endswith("bias") or ".modules_to_save." in name or ".original_module." in name:
             continue  # biases of fully trained modules are saved with those modules
-        owner = name.rsplit(".", 1)[0].removesuffix(".base_layer")
+        owner = name.removesuffix(".bias").removesuffix(".base_layer")
         if config.bias == "all" or owner in adapted:
-            out[PREFIX + name.replace(".base_layer.", ".")] = p
+            # PEFT names an adapted layer's bias after its wrapped base layer.
+            suffix = ".base_layer.bias" if owner in adapted else ".bias"
+            out[PREFIX + owner + suffix] = p
     return out
 
 
