@@ -19,6 +19,12 @@ Each message becomes one JSONL row ``{"text": ..., "label": ...}`` where
 default that is the easy-ham and spam groups, and ``hard-ham-1`` is left out
 on purpose so it can serve as an outside check.
 
+With ``--split`` the rows are split into train/validation/test, stratified by
+label, with near-duplicates kept together: rows whose bodies agree on their
+first 250 characters once lowercased, whitespace-collapsed and digit-masked
+(see ``near_duplicate_key``) always land in the same split, so a spam
+campaign resent under new subjects cannot leak from train into test.
+
 The script uses only the standard library so it can run anywhere the
 library's tests run.
 """
@@ -90,6 +96,20 @@ _ENCODED_WORD_CHARSET = re.compile(r"=\?([^?*]+)(?:\*[^?]*)?\?[bBqQ]\?")
 _ENTITY = re.compile(r"&(?:#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[A-Za-z][A-Za-z0-9]{1,31});")
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\ufeff]")
 
+# Near-duplicate grouping for --split.  Spam campaigns resend one body under
+# new subjects, with new tracking numbers and per-recipient tails (unsubscribe
+# ids, signatures); exact-text dedup misses those twins and they leak across
+# splits.  The opening of the body identifies a campaign while ignoring tails.
+# 250 normalised characters, not 300: collapsing whitespace shortens the text,
+# so a 300-character key reached past the first 300 raw characters into the
+# per-copy URLs of some campaigns and split them.  At 250 every pair of
+# bundled rows whose bodies share their first 300 raw characters shares a key.
+NEAR_DUP_KEY_CHARS = 250
+# Below this many normalised characters a body ("+1", "unsubscribe", nothing
+# at all for image-only spam) says too little to identify a message.
+MIN_KEY_BODY_CHARS = 40
+_DIGIT_RUNS = re.compile(r"[0-9]+")
+
 
 @dataclass
 class Stats:
@@ -107,6 +127,8 @@ class Stats:
     empty: int = 0
     duplicates: int = 0
     conflicting: int = 0
+    near_duplicate_groups: int = 0
+    near_duplicate_rows: int = 0
 
 
 class _HTMLToText(HTMLParser):
@@ -436,20 +458,104 @@ def split_sizes(n: int, val_frac: float, test_frac: float) -> tuple[int, int, in
     return n - n_val - n_test, n_val, n_test
 
 
+def normalise_for_key(text: str) -> str:
+    """Lowercase, mask digit runs and collapse whitespace: what resent copies vary."""
+    return " ".join(_DIGIT_RUNS.sub("0", text.lower()).split())
+
+
+def split_subject_body(text: str) -> tuple[str, str]:
+    """``"Subject: S\\n\\nBODY"`` -> ``("S", "BODY")``; subjects never hold newlines."""
+    head, _, body = text.partition("\n\n")
+    return head.removeprefix("Subject:").strip(), body
+
+
+def near_duplicate_key(text: str) -> str:
+    """The key that groups near-duplicate rows so ``--split`` keeps them together.
+
+    Normally the first ``NEAR_DUP_KEY_CHARS`` of the normalised body; the
+    subject is ignored because campaigns reuse a body under new subjects.
+    """
+    raw_subject, raw_body = split_subject_body(text)
+    body = normalise_for_key(raw_body)
+    if len(body) >= MIN_KEY_BODY_CHARS:
+        return "body:" + body[:NEAR_DUP_KEY_CHARS]
+    # A short or empty body leaves the subject as most of what a model sees,
+    # so two such rows with the same normalised subject are near-twins (e.g.
+    # image-only spam resent): group them by subject.  Keying them all on the
+    # short body instead would lump every empty-body row into one group.
+    subject = normalise_for_key(raw_subject)
+    if subject:
+        return "subject:" + subject
+    # Nothing to compare on: the exact text (unique after dedup) keeps it alone.
+    return "text:" + text
+
+
+def group_near_duplicates(rows: list[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
+    """Rows bucketed by ``near_duplicate_key``."""
+    groups: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        groups.setdefault(near_duplicate_key(row["text"]), []).append(row)
+    return groups
+
+
+def group_label(members: list[dict[str, str]]) -> str:
+    """The label a group is stratified under: its majority, ties to the first name.
+
+    A group must move as a whole, so a (rare) mixed-label group cannot be
+    split by label; its minority rows ride along with the majority.
+    """
+    counts = Counter(r["label"] for r in members)
+    return min(counts, key=lambda label: (-counts[label], label))
+
+
+def assign_groups(
+    groups: list[list[dict[str, str]]], sizes: tuple[int, int, int]
+) -> dict[str, list[dict[str, str]]]:
+    """Deal whole groups into test, then validation, then train (first fit).
+
+    A group goes to the first of test/validation that it fits into without
+    passing that split's target row count, else to train, so test and
+    validation never overshoot and a big campaign cannot swamp them.
+    """
+    _, n_val, n_test = sizes
+    targets = {"test": n_test, "validation": n_val}
+    out: dict[str, list[dict[str, str]]] = {name: [] for name in SPLITS}
+    for members in groups:
+        name = next(
+            (s for s in ("test", "validation") if len(out[s]) + len(members) <= targets[s]),
+            "train",
+        )
+        out[name].extend(members)
+    return out
+
+
 def stratified_split(
     rows: list[dict[str, str]], val_frac: float, test_frac: float, seed: int
 ) -> dict[str, list[dict[str, str]]]:
-    """Split rows into train/validation/test with the same label mix in each."""
+    """Split rows into train/validation/test with the same label mix in each.
+
+    Near-duplicate groups are never divided: rows sharing a
+    ``near_duplicate_key`` always land in the same split.
+    """
+    by_label: dict[str, list[list[dict[str, str]]]] = {}
+    # Sorted by key so the shuffle depends only on the seed and the data.
+    for _, members in sorted(group_near_duplicates(rows).items()):
+        by_label.setdefault(group_label(members), []).append(members)
     out: dict[str, list[dict[str, str]]] = {name: [] for name in SPLITS}
-    for label in sorted({r["label"] for r in rows}):
-        # Sort first so the shuffle depends only on the seed and the data.
-        members = sorted((r for r in rows if r["label"] == label), key=lambda r: r["text"])
-        random.Random(f"{seed}:{label}").shuffle(members)
-        n_train, n_val, _ = split_sizes(len(members), val_frac, test_frac)
-        out["train"].extend(members[:n_train])
-        out["validation"].extend(members[n_train : n_train + n_val])
-        out["test"].extend(members[n_train + n_val :])
+    for label in sorted(by_label):
+        groups = by_label[label]
+        random.Random(f"{seed}:{label}").shuffle(groups)
+        sizes = split_sizes(sum(len(g) for g in groups), val_frac, test_frac)
+        for name, part in assign_groups(groups, sizes).items():
+            out[name].extend(part)
     return {name: sort_rows(part) for name, part in out.items()}
+
+
+def count_near_duplicates(rows: list[dict[str, str]], stats: Stats) -> None:
+    """Record how many near-duplicate groups (2+ rows) the rows form."""
+    sizes = [len(g) for g in group_near_duplicates(rows).values() if len(g) > 1]
+    stats.near_duplicate_groups = len(sizes)
+    stats.near_duplicate_rows = sum(sizes)
 
 
 def split_paths(out: Path) -> dict[str, Path]:
@@ -499,6 +605,10 @@ def summary(parts: dict[str, list[dict[str, str]]], stats: Stats) -> str:
         f"empty dropped: {stats.empty}; duplicates dropped: {stats.duplicates}; "
         f"texts with conflicting labels dropped: {stats.conflicting}"
     )
+    lines.append(
+        f"near-duplicate groups (2+ rows sharing a near_duplicate_key): "
+        f"{stats.near_duplicate_groups}, holding {stats.near_duplicate_rows} rows"
+    )
     lines.extend(f"  unreadable: {p}" for p in stats.bad_json[:10])
     lines.extend(f"  parse failure: {p}" for p in stats.parse_failures[:10])
     return "\n".join(lines)
@@ -524,7 +634,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--split",
         action="store_true",
-        help="write stratified NAME_train/NAME_validation/NAME_test files",
+        help="write stratified NAME_train/NAME_validation/NAME_test files; "
+        "near-duplicates (same normalised body opening) stay in one split",
     )
     parser.add_argument(
         "--groups",
@@ -572,6 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         label_for_group(group)  # fail early on a group we cannot label
     stats = Stats()
     rows = collect_rows(args.messages_dir, groups, args.max_chars, stats)
+    count_near_duplicates(rows, stats)
     if args.split:
         parts = stratified_split(rows, args.val_frac, args.test_frac, args.seed)
         for name, path in split_paths(args.out).items():

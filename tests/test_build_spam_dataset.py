@@ -250,15 +250,23 @@ def test_label_for_group(group: str, label: str) -> None:
 # --- splitting ------------------------------------------------------------
 
 
+def _tag(i: int) -> str:
+    """A distinct lowercase word per ``i``: digits alone are masked by the split key."""
+    word = ""
+    while True:
+        i, rest = divmod(i, 26)
+        word = chr(ord("a") + rest) + word
+        if i == 0:
+            return "q" + word
+
+
 def _many_messages(root: Path, n_ham: int, n_spam: int) -> None:
     for i in range(n_ham):
-        _write_message(
-            root, f"h{i}.json", "easy-ham-1", f"Subject: ham {i}\n\nHello number {i}.\n", f"{i:05d}"
-        )
+        body = f"Hello {_tag(i)}, here are the notes from meeting {_tag(i)} as promised.\n"
+        _write_message(root, f"h{i}.json", "easy-ham-1", f"Subject: ham {i}\n\n{body}", f"{i:05d}")
     for i in range(n_spam):
-        _write_message(
-            root, f"s{i}.json", "spam-2", f"Subject: spam {i}\n\nBuy item {i} now!\n", f"{i:05d}"
-        )
+        body = f"Buy item {_tag(i)} now, item {_tag(i)} is the deal of the century!\n"
+        _write_message(root, f"s{i}.json", "spam-2", f"Subject: spam {i}\n\n{body}", f"{i:05d}")
 
 
 def test_split_is_stratified_deterministic_and_disjoint(tmp_path: Path) -> None:
@@ -293,6 +301,115 @@ def test_split_is_stratified_deterministic_and_disjoint(tmp_path: Path) -> None:
     build.main([str(data), "--out", str(other), "--split", "--seed", "8"])
     other_test = {r["text"] for r in _read_jsonl(other.with_name("spam_test.jsonl"))}
     assert len(other_test) == 10 and other_test != texts["test"]
+
+
+def _row(subject: str, body: str, label: str) -> dict[str, str]:
+    return {"text": f"Subject: {subject}\n\n{body}", "label": label}
+
+
+def _campaign_rows() -> list[dict[str, str]]:
+    """~100 rows: mostly distinct messages plus campaigns resent under new subjects."""
+    rows = [
+        _row(
+            f"note {_tag(i)}", f"Minutes of meeting {_tag(i)}: we agreed on plan {_tag(i)}.", "ham"
+        )
+        for i in range(60)
+    ]
+    rows += [
+        _row(
+            f"offer {_tag(i)}",
+            f"Exclusive offer {_tag(i)} for you, reply to claim {_tag(i)}!",
+            "spam",
+        )
+        for i in range(28)
+    ]
+    # Campaigns: one body, new subjects, new tracking numbers and spacing.
+    pitch = "Dear friend, you have been selected for a FREE cruise. Call now, ref #{n}."
+    rows += [_row(f"Cruise {n}!!", pitch.format(n=n * 7919), "spam") for n in range(5)]
+    rows += [
+        _row(
+            f"Re: pills {n}", f"CHEAP  pills\n\nonline,   order {n}  today, no prescription", "spam"
+        )
+        for n in range(3)
+    ]
+    thread = "> quoted text of the original message that everyone kept replying to"
+    rows += [_row(f"Re: thread {_tag(n)}", thread, "ham") for n in range(4)]
+    return rows
+
+
+def _split_of(parts: dict[str, list[dict[str, str]]]) -> dict[str, str]:
+    return {row["text"]: name for name, rows in parts.items() for row in rows}
+
+
+def test_near_duplicate_key_normalisation() -> None:
+    key = build.near_duplicate_key
+    body = "Dear friend, you have been selected for a FREE cruise. Call now!"
+    assert key(f"Subject: a\n\n{body} ref 123") == key(f"Subject: b\n\n{body.upper()}\n ref  9")
+    assert key(f"Subject: a\n\n{body}") != key("Subject: a\n\nSomething else entirely, friend.")
+    # Only the opening of the body counts: per-copy tails are ignored.
+    opening = "x" * build.NEAR_DUP_KEY_CHARS
+    assert key(f"Subject: a\n\n{opening} tail one") == key(f"Subject: b\n\n{opening} tail two")
+    # Short or empty bodies fall back to the subject; nothing at all stays unique.
+    assert key("Subject: Hot Deal 42\n\n") == key("Subject: hot  deal 7\n\nok")
+    assert key("Subject: Hot Deal\n\n") != key("Subject: Cold Deal\n\n")
+    assert key("Subject: \n\n.") != key("Subject: \n\n..")
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_same_body_different_subject_lands_in_one_split(seed: int) -> None:
+    rows = _campaign_rows()
+    split_of = _split_of(build.stratified_split(rows, 0.1, 0.2, seed))
+    assert len(split_of) == len(rows)
+    for group in build.group_near_duplicates(rows).values():
+        assert len({split_of[r["text"]] for r in group}) == 1, group
+
+
+def test_same_body_different_subject_through_cli(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _many_messages(data, n_ham=20, n_spam=20)
+    body = "You have WON our grand prize draw! Reply with your bank details to claim it.\n"
+    for i, subject in enumerate(("You won", "URGENT: claim your prize", "re: prize 123")):
+        _write_message(data, f"c{i}.json", "spam-1", f"Subject: {subject}\n\n{body}", f"9{i:04d}")
+    out = tmp_path / "out" / "spam.jsonl"
+    for seed in range(5):
+        build.main([str(data), "--out", str(out), "--split", "--seed", str(seed)])
+        parts = {s: _read_jsonl(out.with_name(f"spam_{s}.jsonl")) for s in SPLITS}
+        homes = {s for s, rows in parts.items() for r in rows if "grand prize draw" in r["text"]}
+        assert len(homes) == 1
+
+
+def test_group_split_is_stratified_and_deterministic() -> None:
+    rows = _campaign_rows()
+    first = build.stratified_split(rows, 0.1, 0.2, 3)
+    # Same seed, any input order: same split.
+    assert build.stratified_split(list(reversed(rows)), 0.1, 0.2, 3) == first
+    assert build.stratified_split(rows, 0.1, 0.2, 4) != first
+    totals = Counter(r["label"] for r in rows)
+    for seed in range(10):
+        parts = build.stratified_split(rows, 0.1, 0.2, seed)
+        assert sum(len(p) for p in parts.values()) == len(rows)
+        for name, target in (("validation", 0.1), ("test", 0.2)):
+            counts = Counter(r["label"] for r in parts[name])
+            for label, total in totals.items():
+                assert abs(counts[label] / total - target) <= 0.05, (seed, name, label)
+
+
+def test_group_label_is_the_majority() -> None:
+    assert (
+        build.group_label([_row("a", "x", "spam"), _row("b", "x", "ham"), _row("c", "x", "spam")])
+        == "spam"
+    )
+    assert build.group_label([_row("a", "x", "spam"), _row("b", "x", "ham")]) == "ham"
+
+
+def test_assign_groups_never_overshoots_test_or_validation() -> None:
+    groups = [
+        [_row(f"s{i}", "b", "spam")] * size for i, size in enumerate((5, 1, 1, 3, 1, 1, 1, 1))
+    ]
+    parts = build.assign_groups(groups, (9, 2, 3))
+    assert [len(parts[s]) for s in ("train", "validation", "test")] == [9, 2, 3]
+    # The 5-row group does not fit test (3) or validation (2), so it trains.
+    assert parts["train"][:5] == groups[0]
 
 
 def test_split_paths_naming() -> None:
@@ -370,3 +487,20 @@ def test_bundled_dataset_is_well_formed() -> None:
 
     size = sum((BUNDLE / f"spam_{s}.jsonl").stat().st_size for s in SPLITS)
     assert size <= 6_000_000
+
+
+def test_bundled_near_duplicates_stay_in_one_split() -> None:
+    homes: dict[str, set[str]] = {}
+    openings: dict[str, set[str]] = {}
+    for split in SPLITS:
+        for row in _read_jsonl(BUNDLE / f"spam_{split}.jsonl"):
+            homes.setdefault(build.near_duplicate_key(row["text"]), set()).add(split)
+            body = row["text"].split("\n\n", 1)[1]
+            if body:
+                openings.setdefault(body[:300], set()).add(split)
+    leaked = [key[:80] for key, splits in homes.items() if len(splits) > 1]
+    assert not leaked, f"near-duplicate keys in more than one split: {leaked[:5]}"
+    # The symptom that motivated grouping: test spam whose first 300 body
+    # characters also open a training row.
+    shared = [body[:80] for body, splits in openings.items() if len(splits) > 1]
+    assert not shared, f"body openings in more than one split: {shared[:5]}"

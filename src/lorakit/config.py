@@ -71,9 +71,9 @@ class LoraConfig:
     """True: Kaiming-uniform A, zero B (ΔW = 0); "gaussian": normal A, zero B; False: random A and B."""
     use_rslora: bool = False
     """Scale by lora_alpha / √r instead of lora_alpha / r (rank-stabilised LoRA)."""
-    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    rank_pattern: Mapping[str, int] = field(default_factory=dict, hash=False)
     """Per-module rank overrides: {name pattern: r}."""
-    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict, hash=False)
     """Per-module alpha overrides: {name pattern: lora_alpha}."""
     layers_to_transform: int | tuple[int, ...] | None = None
     """Only adapt modules inside these numbered blocks."""

@@ -132,10 +132,10 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
             hit = (isinstance(inner, nn.Linear) or is_conv1d(inner)) and inner is not head and not _matches(name, saved)
         else:
             hit = _matches(name, spec)
+        if hit and not isinstance(spec, str) and not all_linear:
+            used.update(s for s in spec if name == s or name.endswith("." + s))
         if not hit or (config.exclude_modules and _matches(name, config.exclude_modules)):
             continue
-        if not isinstance(spec, str) and not all_linear:
-            used.update(s for s in spec if name == s or name.endswith("." + s))
         if not is_supported(inner):
             raise ValueError(f"target {name!r} is a {type(inner).__name__}; lorakit adapts {SUPPORTED_TYPES}. "
                              "Name the linear layers inside it instead")
