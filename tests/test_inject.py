@@ -2,7 +2,14 @@
 
 import pytest
 import torch
-from tiny_models import LLAMA_TARGETS, input_ids, tiny_bert_seq_cls, tiny_gpt2, tiny_llama_causal, tiny_llama_seq_cls
+from tiny_models import (
+    LLAMA_TARGETS,
+    input_ids,
+    tiny_bert_seq_cls,
+    tiny_gpt2,
+    tiny_llama_causal,
+    tiny_llama_seq_cls,
+)
 from torch import nn
 
 import lorakit

@@ -14,7 +14,14 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import LLAMA_TARGETS, input_ids, tiny_bert_seq_cls, tiny_gpt2, tiny_llama_causal, tiny_llama_seq_cls
+from tiny_models import (
+    LLAMA_TARGETS,
+    input_ids,
+    tiny_bert_seq_cls,
+    tiny_gpt2,
+    tiny_llama_causal,
+    tiny_llama_seq_cls,
+)
 
 import lorakit
 

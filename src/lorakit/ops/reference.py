@@ -7,7 +7,6 @@ y = x·Wᵀ the adapter is lora_A: (r, in), lora_B: (out, r) and ΔW = s·B·A: 
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
