@@ -185,8 +185,18 @@ class LoraLinear(LoraLayer):
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        active = self.unmerged_active()
+        if len(active) == 1 and not args and not kwargs and torch.is_grad_enabled():
+            reason = ops.fast_path_blocker(self.base_layer, x)
+            if reason is None:
+                name = active[0]
+                base = self.base_layer
+                weight = base.weight.T if self.fan_in_fan_out else base.weight  # (out, in)
+                return ops.fused_lora_linear(x, weight, base.bias, self.A_table[name], self.B_table[name],
+                                             self.scaling[name], self.lora_dropout[name], self.training)
+            ops.log_fallback_once(reason)
         result = self.base_layer(x, *args, **kwargs)
-        for name in self.unmerged_active():
+        for name in active:
             branch = ops.lora_branch(x, self.A_table[name], self.B_table[name], self.scaling[name],
                                      self.lora_dropout[name], self.training)
             result = result + branch.to(result.dtype)

@@ -1,0 +1,142 @@
+"""The fused training path against the reference, in float64 and float32 on the CPU."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import LLAMA_TARGETS, input_ids, tiny_gpt2, tiny_llama_causal
+from torch import nn
+
+import lorakit
+from lorakit import ops
+from lorakit.ops import fused
+
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def inputs(dtype, shape=(3, 5, 16), out=12, r=4, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=dtype, requires_grad=True)
+    w = torch.randn(out, shape[-1], generator=g, dtype=dtype)
+    b = torch.randn(out, generator=g, dtype=dtype) if bias else None
+    a = torch.randn(r, shape[-1], generator=g, dtype=dtype, requires_grad=True)
+    bb = torch.randn(out, r, generator=g, dtype=dtype, requires_grad=True)
+    return x, w, b, a, bb
+
+
+def reference_with_mask(x, w, b, a, bb, s, mask):
+    return F.linear(x, w, b) + F.linear(F.linear(x * mask, a), bb) * s
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape,r", [((3, 5, 16), 4), ((7, 16), 1), ((2, 3, 4, 16), 16)])
+def test_fused_matches_reference(dtype, p, bias, shape, r):
+    x, w, b, a, bb = inputs(dtype, shape, r=r, bias=bias)
+    seed = 1234
+    y = fused.lora_linear(x, w, b, a, bb, 0.7, p, training=True, seed=seed)
+    if p:
+        mask = fused._dropout_mask(torch.Size([x.numel() // shape[-1], shape[-1]]), p, seed, x.device, dtype)
+        yr = reference_with_mask(x, w, b, a, bb, 0.7, mask.reshape(x.shape))
+    else:
+        yr = ops.lora_linear(x, w, b, a, bb, 0.7)
+    dy = torch.randn_like(yr)
+    got = torch.autograd.grad(y, (x, a, bb), dy)
+    want = torch.autograd.grad(yr, (x, a, bb), dy)
+    assert rel(y, yr) < TOL[dtype]
+    for g1, g2 in zip(got, want):
+        assert rel(g1, g2) < TOL[dtype]
+
+
+def test_dropout_mask_is_reproducible_from_the_seed_and_drops_the_right_fraction():
+    m1 = fused._dropout_mask(torch.Size([256, 64]), 0.3, 7, torch.device("cpu"), torch.float32)
+    m2 = fused._dropout_mask(torch.Size([256, 64]), 0.3, 7, torch.device("cpu"), torch.float32)
+    m3 = fused._dropout_mask(torch.Size([256, 64]), 0.3, 8, torch.device("cpu"), torch.float32)
+    assert torch.equal(m1, m2) and not torch.equal(m1, m3)
+    assert abs(float((m1 == 0).float().mean()) - 0.3) < 0.02
+    assert torch.allclose(m1[m1 > 0], torch.tensor(1 / 0.7))
+
+
+def test_backward_uses_the_forward_mask():
+    # If backward drew a different mask, dA would not match the reference built from the forward's mask.
+    x, w, b, a, bb = inputs(torch.float64)
+    y = fused.lora_linear(x, w, b, a, bb, 1.0, 0.5, training=True, seed=99)
+    mask = fused._dropout_mask(torch.Size([15, 16]), 0.5, 99, x.device, torch.float64).reshape(x.shape)
+    yr = reference_with_mask(x, w, b, a, bb, 1.0, mask)
+    assert torch.allclose(y, yr)
+    ga, = torch.autograd.grad(y.sum(), a)
+    gar, = torch.autograd.grad(yr.sum(), a)
+    assert torch.allclose(ga, gar)
+
+
+def test_trainable_base_weight_and_bias_get_correct_gradients():
+    x, w, b, a, bb = inputs(torch.float64)
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    y = fused.lora_linear(x, w, b, a, bb, 0.5)
+    yr = ops.lora_linear(x, w, b, a, bb, 0.5)
+    dy = torch.randn_like(y)
+    for g1, g2 in zip(torch.autograd.grad(y, (w, b), dy), torch.autograd.grad(yr, (w, b), dy)):
+        assert rel(g1, g2) < 1e-12
+
+
+def test_non_contiguous_input():
+    x, w, b, a, bb = inputs(torch.float64, shape=(5, 3, 16))
+    xt = x.transpose(0, 1)  # (3, 5, 16), not contiguous
+    y = fused.lora_linear(xt, w, b, a, bb, 0.5)
+    yr = ops.lora_linear(xt, w, b, a, bb, 0.5)
+    dy = torch.randn_like(y)
+    for g1, g2 in zip(torch.autograd.grad(y, (x, a, bb), dy), torch.autograd.grad(yr, (x, a, bb), dy)):
+        assert rel(g1, g2) < 1e-12
+
+
+def train_step_grads(model, ids, fast: bool):
+    ops.set_fast_path(fast)
+    try:
+        model.zero_grad(set_to_none=True)
+        out = model(ids).logits
+        out.float().square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    finally:
+        ops.set_fast_path(True)
+
+
+@pytest.mark.parametrize("make,targets", [(tiny_llama_causal, LLAMA_TARGETS), (tiny_gpt2, ["c_attn", "c_proj", "c_fc"])],
+                         ids=["llama", "gpt2-conv1d"])
+def test_whole_model_fast_equals_reference(make, targets):
+    model = lorakit.inject(make(), lorakit.LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+    model.eval()  # the model's own dropout off; gradients are still enabled, so the fused path runs
+    ids = input_ids()
+    out_f, g_f = train_step_grads(model, ids, True)
+    out_r, g_r = train_step_grads(model, ids, False)
+    assert rel(out_f, out_r) < 1e-5
+    assert g_f.keys() == g_r.keys() and len(g_f) == 2 * (14 if make is tiny_llama_causal else 8)
+    for k in g_f:
+        assert rel(g_f[k], g_r[k]) < 1e-4, k
+
+
+def test_fallback_for_hooked_base_layers_is_logged_once(caplog):
+    model = lorakit.inject(nn.Sequential(nn.Linear(8, 8)), lorakit.LoraConfig(r=2, target_modules=["0"]))
+    model[0].base_layer.register_forward_hook(lambda m, i, o: o * 2)
+    x = torch.randn(3, 8, requires_grad=True)
+    ops._logged.clear()
+    with caplog.at_level(logging.INFO, logger="lorakit"):
+        y1 = model(x)
+        model(x)
+    assert torch.allclose(y1, 2 * F.linear(x, model[0].base_layer.weight, model[0].base_layer.bias))  # the hook ran
+    assert sum("forward hooks" in r.message for r in caplog.records) == 1
+
+
+def test_fast_path_can_be_turned_off():
+    assert ops.fast_path_blocker(nn.Linear(2, 2), torch.zeros(1, 2)) is None
+    ops.set_fast_path(False)
+    try:
+        assert "turned off" in ops.fast_path_blocker(nn.Linear(2, 2), torch.zeros(1, 2))
+    finally:
+        ops.set_fast_path(True)
