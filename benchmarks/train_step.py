@@ -1,0 +1,144 @@
+"""GPU training-step benchmark: the frozen floor, lorakit, PEFT and full fine-tuning, side by side.
+
+Setup (DESIGN.md §4): a Llama-3.2-1B-shaped LlamaForSequenceClassification with random
+weights in bf16, batch 16 × 512, LoRA r=16 alpha=32 on all seven projections, fused
+AdamW. "floor" is the frozen model's forward + activation backward (only the 2-class
+head trains, and the input embeddings require grad so every block back-propagates).
+Every run is measured in this one process, one after another, and the table reports
+each run's step time, tokens/s and peak memory with its ratio to the floor of the same
+shape and mode (eager or compiled).
+
+    PYTHONPATH=src python benchmarks/train_step.py                   # eager, the main shape
+    PYTHONPATH=src python benchmarks/train_step.py --compile         # torch.compile of the whole model
+    PYTHONPATH=src python benchmarks/train_step.py --shapes 16x512,4x2048 --ranks 16,64
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def llama_1b_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
+                       rope_theta=500000.0, tie_word_embeddings=True, num_labels=2, pad_token_id=0)
+
+
+def build(method: str, r: int, dropout: float):
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForSequenceClassification(llama_1b_config()).to(torch.bfloat16)
+    if method == "floor":
+        model.requires_grad_(False)
+        model.score.requires_grad_(True)
+        model.enable_input_require_grads()
+    elif method == "lorakit":
+        import lorakit
+
+        lorakit.inject(model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=TARGETS,
+                                                 task_type="SEQ_CLS"))
+    elif method == "peft":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout,
+                                                           target_modules=TARGETS, task_type="SEQ_CLS"))
+    elif method != "full":
+        raise ValueError(method)
+    return model
+
+
+def measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: bool, steps: int, warm: int) -> dict:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model = build(method, r, dropout)
+    model.train()
+    if compiled:
+        model = torch.compile(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    ids = torch.randint(1, 128256, (bs, seq), device="cuda", generator=g)
+    labels = torch.randint(0, 2, (bs,), device="cuda", generator=g)
+    times = []
+    row = dict(method=method, bs=bs, seq=seq, r=r, dropout=dropout, compiled=compiled)
+    try:
+        for _ in range(warm + steps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(input_ids=ids, labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        step = statistics.median(times[warm:])
+        row.update(step_ms=1000 * step, tok_s=bs * seq / step, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+                   spread_ms=1000 * (max(times[warm:]) - min(times[warm:])))
+    except torch.OutOfMemoryError:
+        row.update(oom=True)
+    del model, opt, params
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default="floor,lorakit,peft,full")
+    parser.add_argument("--dropouts", default="0,0.1")
+    parser.add_argument("--shapes", default="16x512")
+    parser.add_argument("--ranks", default="16")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the whole model")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warm", type=int, default=3)
+    parser.add_argument("--json", default=None, help="write all rows here")
+    args = parser.parse_args()
+    import transformers
+
+    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} transformers {transformers.__version__}",
+          file=sys.stderr)
+    rows = []
+    for shape in args.shapes.split(","):
+        bs, seq = map(int, shape.split("x"))
+        for r in map(int, args.ranks.split(",")):
+            for method in args.methods.split(","):
+                dropouts = [0.0] if method in ("floor", "full") else [float(d) for d in args.dropouts.split(",")]
+                for dropout in dropouts:
+                    row = measure(method, bs, seq, r, dropout, args.compile, args.steps, args.warm)
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    floors = {(r["bs"], r["seq"], r["compiled"]): r for r in rows if r["method"] == "floor" and "step_ms" in r}
+    print(f"\n{'run':<28} {'shape':>8} {'step ms':>8} {'tok/s':>8} {'peak GiB':>9} {'time/floor':>10} {'mem/floor':>9}")
+    for r in rows:
+        name = f"{r['method']}{' r=%d p=%g' % (r['r'], r['dropout']) if r['method'] in ('lorakit', 'peft') else ''}"
+        name += " (compiled)" if r["compiled"] else ""
+        shape = f"{r['bs']}x{r['seq']}"
+        if r.get("oom"):
+            print(f"{name:<28} {shape:>8} {'OOM':>8}")
+            continue
+        f = floors.get((r["bs"], r["seq"], r["compiled"]))
+        tr = f"{r['step_ms'] / f['step_ms']:.2f}" if f else "-"
+        mr = f"{r['peak_gib'] / f['peak_gib']:.2f}" if f else "-"
+        print(f"{name:<28} {shape:>8} {r['step_ms']:>8.1f} {r['tok_s']:>8.0f} {r['peak_gib']:>9.2f} {tr:>10} {mr:>9}")
+
+
+if __name__ == "__main__":
+    main()
