@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lorakit.ops import triton_kernels as tk
+
 
 def _dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """keep / (1 - p), regenerated bit for bit from `seed` (forward and backward call this)."""
@@ -31,6 +33,19 @@ def new_seed() -> int:
     return int(torch.randint(0, 2**62, (1,)).item())
 
 
+_KERNELS_ON_CPU = False  # tests turn this on under TRITON_INTERPRET=1 to run the kernels on the CPU
+
+
+def use_kernels_on_cpu(enabled: bool) -> None:
+    """Run the Triton kernels on CPU tensors too (only meaningful with TRITON_INTERPRET=1)."""
+    global _KERNELS_ON_CPU
+    _KERNELS_ON_CPU = enabled
+
+
+def _kernels(t: Tensor) -> bool:
+    return tk.triton_usable(t) and (t.is_cuda or _KERNELS_ON_CPU) and t.numel() <= tk.MAX_MASK_ELEMENTS
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ with a hand-written backward."""
 
@@ -39,49 +54,84 @@ class LoraLinearFunction(torch.autograd.Function):
                 scale: float, dropout_p: float, seed: int) -> Tensor:
         # x (..., in), weight (out, in), lora_A (r, in), lora_B (out, r)
         ct = x.dtype
+        n_out, n_in = weight.shape
         a, b = lora_A.to(ct), lora_B.to(ct)
-        x2 = x.reshape(-1, x.shape[-1])  # (T, in)
+        x2 = x.reshape(-1, n_in)  # (T, in)
+        kernels = _kernels(x2)
         if dropout_p == 0.0:
-            w_eff = torch.addmm(weight.to(ct), b, a, alpha=scale)  # (out, in)
-            y = torch.nn.functional.linear(x2, w_eff, None if bias is None else bias.to(ct))
-            h = x2 @ a.T  # (T, r)
+            # One GEMM against [W + s·B·A ; A] gives y and h = x·Aᵀ together.
+            w_cat = torch.empty(n_out + a.shape[0], n_in, dtype=ct, device=x.device)  # (out + r, in)
+            _w_eff(weight, a, b, scale, w_cat[:n_out], kernels)
+            w_cat[n_out:].copy_(a)
+            b_cat = None if bias is None else torch.cat([bias.to(ct), bias.new_zeros(a.shape[0], dtype=ct)])
+            y_cat = torch.nn.functional.linear(x2, w_cat, b_cat)  # (T, out + r), bias added before rounding
+            h = y_cat[:, n_out:].clone()  # (T, r); a copy, so saving it does not pin y_cat
+            y = y_cat[:, :n_out]
         else:
-            xd = x2 * _dropout_mask(x2.shape, dropout_p, seed, x.device, ct)  # (T, in), freed after forward
-            h = xd @ a.T  # (T, r)
             y = torch.nn.functional.linear(x2, weight.to(ct), None if bias is None else bias.to(ct))
+            if kernels:
+                h = tk.masked_shrink(x2, a, dropout_p, seed)  # (T, r), mask made and dropped in-kernel
+            else:
+                h = (x2 * _dropout_mask(x2.shape, dropout_p, seed, x.device, ct)) @ a.T
             y = torch.addmm(y, h, b.T, alpha=scale)  # (T, out)
         ctx.save_for_backward(x, weight, lora_A, lora_B, h)
         ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
         ctx.has_bias = bias is not None
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return y.reshape(*x.shape[:-1], n_out)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, weight, lora_A, lora_B, h = ctx.saved_tensors
-        s, p = ctx.scale, ctx.dropout_p
+        s, p, seed = ctx.scale, ctx.dropout_p, ctx.seed
         ct = dy.dtype
+        n_out, n_in = weight.shape
         a, b = lora_A.to(ct), lora_B.to(ct)
-        x2 = x.reshape(-1, x.shape[-1]).to(ct)  # (T, in)
-        dy2 = dy.reshape(-1, dy.shape[-1])  # (T, out)
-        dyb = dy2 @ b  # (T, r)
-        mask = _dropout_mask(x2.shape, p, ctx.seed, x.device, ct) if p else None
+        x2 = x.reshape(-1, n_in).to(ct)  # (T, in)
+        dy2 = dy.reshape(-1, n_out)  # (T, out)
+        kernels = _kernels(x2)
+        need_dx = ctx.needs_input_grad[0]
         dx = dweight = dbias = d_a = d_b = None
+        if p == 0.0 and need_dx:
+            # One GEMM against [W + s·B·A | B] gives dx = dy·W_eff and dy·B together.
+            w_cat = torch.empty(n_out, n_in + a.shape[0], dtype=ct, device=x.device)  # (out, in + r)
+            _w_eff(weight, a, b, s, w_cat[:, :n_in], kernels)
+            w_cat[:, n_in:].copy_(b)
+            dx_cat = dy2 @ w_cat  # (T, in + r)
+            dx, dyb = dx_cat[:, :n_in], dx_cat[:, n_in:]
+        else:
+            dyb = dy2 @ b  # (T, r)
+            if need_dx:
+                dx = dy2 @ weight.to(ct)  # (T, in)
+                if kernels:
+                    tk.masked_dx_add_(dx, dyb, a, s, p, seed)
+                else:
+                    dx.addcmul_(dyb @ a, _dropout_mask(x2.shape, p, seed, x.device, ct), value=s)
         if ctx.needs_input_grad[3]:
-            xd = x2 if mask is None else x2 * mask
-            d_a = (dyb.T @ xd).mul_(s).to(lora_A.dtype)  # (r, in)
+            if p == 0.0:
+                d_a = dyb.T @ x2
+            elif kernels:
+                d_a = tk.masked_grad_a(dyb, x2, p, seed)
+            else:
+                d_a = dyb.T @ (x2 * _dropout_mask(x2.shape, p, seed, x.device, ct))
+            d_a = (d_a * s).to(lora_A.dtype)  # (r, in)
         if ctx.needs_input_grad[4]:
             d_b = (dy2.T @ h.to(ct)).mul_(s).to(lora_B.dtype)  # (out, r)
-        if ctx.needs_input_grad[0]:
-            if mask is None:
-                dx = dy2 @ torch.addmm(weight.to(ct), b, a, alpha=s)  # dy·W_eff: (T, in)
-            else:
-                dx = torch.addcmul(dy2 @ weight.to(ct), (dyb @ a).mul_(s), mask)  # dy·W + s·(dy·B·A)⊙mask
+        if need_dx:
             dx = dx.reshape(x.shape).to(x.dtype)
         if ctx.needs_input_grad[1]:
             dweight = (dy2.T @ x2).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = dy2.sum(0).to(weight.dtype)
         return dx, dweight, dbias, d_a, d_b, None, None, None
+
+
+def _w_eff(weight: Tensor, a: Tensor, b: Tensor, scale: float, out: Tensor, kernels: bool) -> None:
+    """out ← W + s·B·A, accumulated in float32 and rounded once."""
+    if kernels:
+        tk.build_w_eff(weight, a, b, scale, out=out)
+    else:
+        acc = torch.promote_types(weight.dtype, torch.float32)  # float64 stays float64
+        out.copy_(torch.addmm(weight.to(acc), b.to(acc), a.to(acc), alpha=scale))
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,

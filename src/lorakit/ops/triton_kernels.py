@@ -1,0 +1,233 @@
+"""Triton kernels for the fused LoRA path, with plain-PyTorch fallbacks.
+
+`build_w_eff` writes W + s·B·A in one pass over W (cuBLAS's addmm with K = r reaches
+about a third of memory bandwidth at these shapes). The kernels run on CUDA, or on
+the CPU under TRITON_INTERPRET=1 (how the tests exercise them without a GPU); where
+neither applies, the same function computes the result with torch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:  # Triton is optional: the CPU path and machines without it use torch.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_usable(t: Tensor) -> bool:
+    """Whether the Triton kernels can run on tensors like `t`."""
+    return triton is not None and (t.is_cuda or (INTERPRET and t.device.type == "cpu"))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _w_eff_kernel(W, A, B, OUT, n_out, n_in, r, scale,
+                      s_w0, s_w1, s_a0, s_a1, s_b0, s_b1, s_o0, s_o1,
+                      BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
+        # OUT[m, n] = W[m, n] + scale · Σ_k B[m, k] · A[k, n]; one (BM, BN) tile per program.
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = pid_m * BM + tl.arange(0, BM)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BR)
+        m_ok = rm[:, None] < n_out
+        n_ok = rn[None, :] < n_in
+        b = tl.load(B + rm[:, None] * s_b0 + rk[None, :] * s_b1, mask=m_ok & (rk[None, :] < r), other=0.0)
+        a = tl.load(A + rk[:, None] * s_a0 + rn[None, :] * s_a1, mask=(rk[:, None] < r) & n_ok, other=0.0)
+        if IEEE:
+            acc = tl.dot(b, a, input_precision="ieee")  # (BM, BN) float32
+        else:
+            acc = tl.dot(b, a)
+        w = tl.load(W + rm[:, None] * s_w0 + rn[None, :] * s_w1, mask=m_ok & n_ok, other=0.0)
+        out = w.to(tl.float32) + scale * acc
+        tl.store(OUT + rm[:, None] * s_o0 + rn[None, :] * s_o1, out.to(OUT.dtype.element_ty), mask=m_ok & n_ok)
+
+
+def build_w_eff(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
+    """W + s·B·A in W's dtype. weight (out, in), lora_A (r, in), lora_B (out, r).
+
+    The product is accumulated in float32 and added to W before the one rounding.
+    `out` (optional) receives the result and may be a row-slice of a larger buffer.
+    """
+    n_out, n_in = weight.shape
+    r = lora_A.shape[0]
+    if not triton_usable(weight):
+        # float32 accumulate, one rounding: the same arithmetic as the kernel
+        w_eff = torch.addmm(weight.float(), lora_B.float(), lora_A.float(), alpha=scale)
+        return w_eff.to(weight.dtype) if out is None else out.copy_(w_eff)
+    if out is None:
+        out = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    half = weight.dtype in (torch.float16, torch.bfloat16)
+    # Half-precision factors feed the tensor cores; float32 ones use exact float32 products.
+    a = lora_A.to(weight.dtype) if half else lora_A.float()
+    b = lora_B.to(weight.dtype) if half else lora_B.float()
+    br = max(16, triton.next_power_of_2(r))
+    bm, bn = 64, 128
+    grid = (triton.cdiv(n_out, bm), triton.cdiv(n_in, bn))
+    _w_eff_kernel[grid](weight, a, b, out, n_out, n_in, r, float(scale),
+                        weight.stride(0), weight.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                        out.stride(0), out.stride(1), BM=bm, BN=bn, BR=br, IEEE=not half)
+    return out
+
+
+# -- dropout without a stored mask ---------------------------------------------------------
+#
+# keep(t, i) = rand(seed, t·n_in + i) >= p, from Triton's counter-based generator: every
+# kernel below regenerates the same mask from (seed, position), so forward and backward
+# agree and nothing mask-sized is ever stored.
+
+MAX_MASK_ELEMENTS = 2**31 - 1  # positions are int32 offsets
+
+if triton is not None:
+
+    @triton.jit
+    def _keep(seed, rows, cols, n_in, p):
+        return tl.rand(seed, rows[:, None] * n_in + cols[None, :]) >= p
+
+    @triton.jit
+    def _mask_kernel(OUT, T, n_in, seed, p, BT: tl.constexpr, BN: tl.constexpr):
+        rt = tl.program_id(0) * BT + tl.arange(0, BT)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        ok = (rt[:, None] < T) & (rn[None, :] < n_in)
+        keep = _keep(seed, rt, rn, n_in, p)
+        tl.store(OUT + rt[:, None] * n_in + rn[None, :], keep.to(tl.int8), mask=ok)
+
+    @triton.jit
+    def _masked_shrink_kernel(X, A, H, T, n_in, r, seed, p, inv_keep,
+                              s_x0, s_x1, s_a0, s_a1, s_h0, s_h1,
+                              BT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
+        # H[t, :] = Σ_i dropout(X)[t, i] · A[:, i]; one block of BT rows per program.
+        rt = tl.program_id(0) * BT + tl.arange(0, BT)
+        rr = tl.arange(0, BR)
+        acc = tl.zeros((BT, BR), dtype=tl.float32)
+        for k0 in range(0, n_in, BK):
+            rk = k0 + tl.arange(0, BK)
+            ok = (rt[:, None] < T) & (rk[None, :] < n_in)
+            x = tl.load(X + rt[:, None] * s_x0 + rk[None, :] * s_x1, mask=ok, other=0.0)
+            keep = _keep(seed, rt, rk, n_in, p)
+            x = tl.where(keep, x * inv_keep, 0.0).to(X.dtype.element_ty)
+            a = tl.load(A + rr[None, :] * s_a0 + rk[:, None] * s_a1, mask=(rr[None, :] < r) & (rk[:, None] < n_in),
+                        other=0.0)  # (BK, BR) = Aᵀ tile
+            if IEEE:
+                acc += tl.dot(x, a, input_precision="ieee")
+            else:
+                acc += tl.dot(x, a)
+        tl.store(H + rt[:, None] * s_h0 + rr[None, :] * s_h1, acc.to(H.dtype.element_ty),
+                 mask=(rt[:, None] < T) & (rr[None, :] < r))
+
+    @triton.jit
+    def _masked_grad_a_kernel(DYB, X, PART, T, n_in, r, seed, p, inv_keep, rows_per_split,
+                              s_d0, s_d1, s_x0, s_x1,
+                              BT: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
+        # PART[split, :, n] = Σ_{t in split} DYB[t, :]ᵀ · dropout(X)[t, n]
+        pid_n = tl.program_id(0)
+        split = tl.program_id(1)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rr = tl.arange(0, BR)
+        acc = tl.zeros((BR, BN), dtype=tl.float32)
+        t_start = split * rows_per_split
+        for t0 in range(t_start, t_start + rows_per_split, BT):
+            rt = t0 + tl.arange(0, BT)
+            t_ok = rt < T
+            x = tl.load(X + rt[:, None] * s_x0 + rn[None, :] * s_x1, mask=t_ok[:, None] & (rn[None, :] < n_in),
+                        other=0.0)
+            keep = _keep(seed, rt, rn, n_in, p)
+            x = tl.where(keep, x * inv_keep, 0.0).to(X.dtype.element_ty)
+            d = tl.load(DYB + rr[:, None] * s_d1 + rt[None, :] * s_d0, mask=(rr[:, None] < r) & t_ok[None, :],
+                        other=0.0)  # (BR, BT) = DYBᵀ tile
+            if IEEE:
+                acc += tl.dot(d, x, input_precision="ieee")
+            else:
+                acc += tl.dot(d, x)
+        out = PART + split * r * n_in + rr[:, None] * n_in + rn[None, :]
+        tl.store(out, acc, mask=(rr[:, None] < r) & (rn[None, :] < n_in))
+
+    @triton.jit
+    def _masked_dx_add_kernel(DX, DYB, A, T, n_in, r, seed, p, scale_keep,
+                              s_dx0, s_dx1, s_d0, s_d1, s_a0, s_a1,
+                              BT: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
+        # DX[t, n] += s/(1-p) · keep(t, n) · Σ_k DYB[t, k] · A[k, n]
+        rt = tl.program_id(0) * BT + tl.arange(0, BT)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        rr = tl.arange(0, BR)
+        d = tl.load(DYB + rt[:, None] * s_d0 + rr[None, :] * s_d1, mask=(rt[:, None] < T) & (rr[None, :] < r),
+                    other=0.0)
+        a = tl.load(A + rr[:, None] * s_a0 + rn[None, :] * s_a1, mask=(rr[:, None] < r) & (rn[None, :] < n_in),
+                    other=0.0)
+        if IEEE:
+            prod = tl.dot(d, a, input_precision="ieee")
+        else:
+            prod = tl.dot(d, a)
+        keep = _keep(seed, rt, rn, n_in, p)
+        ok = (rt[:, None] < T) & (rn[None, :] < n_in)
+        ptr = DX + rt[:, None] * s_dx0 + rn[None, :] * s_dx1
+        dx = tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
+        dx += tl.where(keep, prod * scale_keep, 0.0)
+        tl.store(ptr, dx.to(DX.dtype.element_ty), mask=ok)
+
+
+def _br(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+def _ieee(t: Tensor) -> bool:
+    return t.dtype not in (torch.float16, torch.bfloat16)
+
+
+def dropout_keep_mask(shape: tuple[int, int], p: float, seed: int, device) -> Tensor:
+    """The (T, in) boolean keep-mask that the kernels regenerate from `seed` (for tests and the CPU)."""
+    T, n_in = shape
+    out = torch.empty(T, n_in, dtype=torch.int8, device=device)
+    grid = (triton.cdiv(T, 32), triton.cdiv(n_in, 64))
+    _mask_kernel[grid](out, T, n_in, seed, p, BT=32, BN=64)
+    return out.bool()
+
+
+def masked_shrink(x2: Tensor, lora_A: Tensor, p: float, seed: int) -> Tensor:
+    """h = dropout(x)·Aᵀ with the seed's mask: x2 (T, in), A (r, in) in x's dtype -> (T, r)."""
+    T, n_in = x2.shape
+    r = lora_A.shape[0]
+    h = torch.empty(T, r, dtype=x2.dtype, device=x2.device)
+    bt, bk = 64, 64
+    _masked_shrink_kernel[(triton.cdiv(T, bt),)](
+        x2, lora_A, h, T, n_in, r, seed, p, 1.0 / (1.0 - p), x2.stride(0), x2.stride(1), lora_A.stride(0),
+        lora_A.stride(1), h.stride(0), h.stride(1), BT=bt, BK=bk, BR=_br(r), IEEE=_ieee(x2))
+    return h
+
+
+def masked_grad_a(dyb: Tensor, x2: Tensor, p: float, seed: int) -> Tensor:
+    """dyBᵀ·dropout(x) in float32: dyb (T, r), x2 (T, in) -> (r, in)."""
+    T, n_in = x2.shape
+    r = dyb.shape[1]
+    bt, bn = 64, 64
+    n_blocks = triton.cdiv(n_in, bn)
+    # Split the T reduction so the grid fills the GPU; partial sums are added with torch.
+    splits = max(1, min(triton.cdiv(T, bt), 512 // max(1, n_blocks)))
+    rows = triton.cdiv(triton.cdiv(T, splits), bt) * bt
+    splits = triton.cdiv(T, rows)
+    part = torch.empty(splits, r, n_in, dtype=torch.float32, device=x2.device)
+    _masked_grad_a_kernel[(n_blocks, splits)](
+        dyb, x2, part, T, n_in, r, seed, p, 1.0 / (1.0 - p), rows, dyb.stride(0), dyb.stride(1),
+        x2.stride(0), x2.stride(1), BT=bt, BN=bn, BR=_br(r), IEEE=_ieee(x2))
+    return part.sum(0)
+
+
+def masked_dx_add_(dx: Tensor, dyb: Tensor, lora_A: Tensor, scale: float, p: float, seed: int) -> Tensor:
+    """dx += s·(dyB·A)⊙mask/(1-p) in place: dx (T, in), dyb (T, r), A (r, in)."""
+    T, n_in = dx.shape
+    r = lora_A.shape[0]
+    bt, bn = 64, 64
+    grid = (triton.cdiv(T, bt), triton.cdiv(n_in, bn))
+    _masked_dx_add_kernel[grid](
+        dx, dyb, lora_A, T, n_in, r, seed, p, scale / (1.0 - p), dx.stride(0), dx.stride(1), dyb.stride(0),
+        dyb.stride(1), lora_A.stride(0), lora_A.stride(1), BT=bt, BN=bn, BR=_br(r), IEEE=_ieee(dx))
+    return dx

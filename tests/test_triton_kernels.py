@@ -1,0 +1,87 @@
+"""Triton kernels against plain PyTorch: on the CPU through TRITON_INTERPRET=1 (set in conftest),
+on a GPU natively. bfloat16 is checked only on the GPU: the interpreter does not model it."""
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from lorakit.ops import fused  # noqa: E402
+from lorakit.ops import reference as ref  # noqa: E402
+from lorakit.ops import triton_kernels as tk  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+pytestmark = pytest.mark.skipif(not tk.triton_usable(torch.empty(1, device=DEVICE)),
+                                reason="needs a GPU or TRITON_INTERPRET=1")
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def rand(*shape, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(device=DEVICE, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_out,n_in,r", [(70, 45, 5), (64, 128, 16), (33, 200, 1)])
+def test_w_eff(dtype, n_out, n_in, r):
+    w, a, b = rand(n_out, n_in, dtype=dtype), rand(r, n_in, seed=1), rand(n_out, r, seed=2)
+    got = tk.build_w_eff(w, a, b, 0.7)
+    half = dtype != torch.float32
+    want = w.float() + 0.7 * (b.to(dtype).float() if half else b) @ (a.to(dtype).float() if half else a)
+    assert got.dtype == dtype and rel(got, want) < TOL[dtype]
+    # into a row slice and a column slice of larger buffers, as the fused path does
+    rows = torch.full((n_out + r, n_in), float("nan"), dtype=dtype, device=DEVICE)
+    tk.build_w_eff(w, a, b, 0.7, out=rows[:n_out])
+    assert torch.equal(rows[:n_out], got) and rows[n_out:].isnan().all()
+    cols = torch.full((n_out, n_in + r), float("nan"), dtype=dtype, device=DEVICE)
+    tk.build_w_eff(w, a, b, 0.7, out=cols[:, :n_in])
+    assert torch.equal(cols[:, :n_in], got) and cols[:, n_in:].isnan().all()
+    # a transposed (Conv1D-style) weight view
+    wt = w.T.contiguous().T
+    assert torch.equal(tk.build_w_eff(wt, a, b, 0.7), got)
+
+
+def test_mask_is_reproducible_and_drops_p():
+    m1 = tk.dropout_keep_mask((300, 70), 0.25, 5, DEVICE)
+    assert torch.equal(m1, tk.dropout_keep_mask((300, 70), 0.25, 5, DEVICE))
+    assert not torch.equal(m1, tk.dropout_keep_mask((300, 70), 0.25, 6, DEVICE))
+    assert abs(1 - float(m1.float().mean()) - 0.25) < 0.02
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,n_in,r", [(70, 45, 5), (130, 64, 16)])
+def test_masked_kernels_use_one_mask(dtype, T, n_in, r):
+    p, seed = 0.3, 1234
+    x, a, dyb = rand(T, n_in, dtype=dtype), rand(r, n_in, dtype=dtype, seed=1), rand(T, r, dtype=dtype, seed=2)
+    keep = tk.dropout_keep_mask((T, n_in), p, seed, DEVICE)
+    xd = torch.where(keep, x.float() / (1 - p), 0.0)
+    assert rel(tk.masked_shrink(x, a, p, seed), xd @ a.float().T) < TOL[dtype]
+    assert rel(tk.masked_grad_a(dyb, x, p, seed), dyb.float().T @ xd) < TOL[dtype]
+    dx = rand(T, n_in, dtype=dtype, seed=3)
+    want = dx.float() + 0.7 * torch.where(keep, dyb.float() @ a.float() / (1 - p), 0.0)
+    assert rel(tk.masked_dx_add_(dx, dyb, a, 0.7, p, seed), want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_fused_function_with_kernels_matches_reference(p):
+    fused.use_kernels_on_cpu(True)
+    try:
+        x = rand(3, 7, 40, seed=4).requires_grad_(True)
+        w, bias = rand(24, 40, seed=5), rand(24, seed=6)
+        a, b = rand(4, 40, seed=7).requires_grad_(True), rand(24, 4, seed=8).requires_grad_(True)
+        y = fused.lora_linear(x, w, bias, a, b, 0.5, p, training=True, seed=77)
+        mask = tk.dropout_keep_mask((21, 40), p, 77, DEVICE).reshape(x.shape).float() / (1 - p) if p else 1.0
+        yr = ref.lora_linear(x, w, bias, a, b, 0.5) if not p else \
+            torch.nn.functional.linear(x, w, bias) + ((x * mask) @ a.T @ b.T) * 0.5
+        dy = torch.randn_like(yr)
+        assert rel(y, yr) < 1e-5
+        for g1, g2 in zip(torch.autograd.grad(y, (x, a, b), dy), torch.autograd.grad(yr, (x, a, b), dy)):
+            assert rel(g1, g2) < 1e-5
+    finally:
+        fused.use_kernels_on_cpu(False)
