@@ -41,5 +41,33 @@ def main(T: int = 8192, r: int = 16) -> None:
         print(f"{name:<8} " + " ".join(f"{v:7.3f}" for v in row))
 
 
+
+
+def kernels(T: int = 8192, r: int = 16) -> None:
+    """Time lorakit's Triton kernels against the cuBLAS/torch ops they replace."""
+    from lorakit.ops import triton_kernels as tk
+
+    dev, dt = "cuda", torch.bfloat16
+    print(f"\n{'shape':<8} {'addmm':>7} {'k:Weff':>7} {'k:Wcol':>7} {'xA':>7} {'k:shr':>7} {'dyBᵀx':>7} "
+          f"{'k:dA':>7} {'dxadd':>7} {'k:dx':>7}   (ms)")
+    for name, (fin, fout) in SHAPES.items():
+        x = torch.randn(T, fin, device=dev, dtype=dt)
+        w = torch.randn(fout, fin, device=dev, dtype=dt) * 0.02
+        a = torch.randn(r, fin, device=dev, dtype=dt) * 0.02
+        b = torch.randn(fout, r, device=dev, dtype=dt) * 0.02
+        dyb = torch.randn(T, r, device=dev, dtype=dt)
+        dx = torch.randn(T, fin, device=dev, dtype=dt)
+        cols = torch.empty(fout, fin + r, device=dev, dtype=dt)
+        mask = torch.rand(T, fin, device=dev) > 0.1
+        row = [bench(lambda: torch.addmm(w, b, a, alpha=2.0)), bench(lambda: tk.build_w_eff(w, a, b, 2.0)),
+               bench(lambda: tk.build_w_eff(w, a, b, 2.0, out=cols[:, :fin])), bench(lambda: x @ a.T),
+               bench(lambda: tk.masked_shrink(x, a, 0.1, 3)), bench(lambda: dyb.T @ x),
+               bench(lambda: tk.masked_grad_a(dyb, x, 0.1, 3)), bench(lambda: dx.addcmul_(dyb @ a, mask)),
+               bench(lambda: tk.masked_dx_add_(dx, dyb, a, 2.0, 0.1, 3))]
+        print(f"{name:<8} " + " ".join(f"{v:7.3f}" for v in row))
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    kernels() if "--kernels" in sys.argv else main()

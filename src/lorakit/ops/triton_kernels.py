@@ -81,9 +81,11 @@ def build_w_eff(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, ou
 
 # -- dropout without a stored mask ---------------------------------------------------------
 #
-# keep(t, i) = rand(seed, t·n_in + i) >= p, from Triton's counter-based generator: every
-# kernel below regenerates the same mask from (seed, position), so forward and backward
-# agree and nothing mask-sized is ever stored.
+# keep(t, i) = u(seed, t·n_in + i) >= p, where u is an integer hash of the position and
+# the seed mapped to [0, 1): every kernel below regenerates the same mask from (seed,
+# position), so forward and backward agree and nothing mask-sized is ever stored. A
+# multiply-xorshift hash costs a handful of integer operations per element, several
+# times less than a counter-based generator, which made these kernels compute-bound.
 
 MAX_MASK_ELEMENTS = 2**31 - 1  # positions are int32 offsets
 
@@ -91,7 +93,15 @@ if triton is not None:
 
     @triton.jit
     def _keep(seed, rows, cols, n_in, p):
-        return tl.rand(seed, rows[:, None] * n_in + cols[None, :]) >= p
+        pos = (rows[:, None] * n_in + cols[None, :]).to(tl.uint32)
+        h = pos * 0x9E3779B1 + seed.to(tl.uint32)
+        h = h ^ (h >> 16)
+        h = h * 0x7FEB352D
+        h = h ^ (h >> 15)
+        h = h * 0x846CA68B
+        h = h ^ (h >> 16)
+        u = (h >> 8).to(tl.float32) * (1.0 / 16777216.0)  # top 24 bits -> [0, 1)
+        return u >= p
 
     @triton.jit
     def _mask_kernel(OUT, T, n_in, seed, p, BT: tl.constexpr, BN: tl.constexpr):
