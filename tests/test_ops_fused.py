@@ -140,3 +140,60 @@ def test_fast_path_can_be_turned_off():
         assert "turned off" in ops.fast_path_blocker(nn.Linear(2, 2), torch.zeros(1, 2))
     finally:
         ops.set_fast_path(True)
+
+
+def test_gated_down_matches_reference_with_and_without_dropout():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 16, generator=g, dtype=torch.float64)
+    gate, up = torch.randn(2, 5, 24, generator=g, dtype=torch.float64), torch.randn(2, 5, 24, generator=g, dtype=torch.float64)
+    gate.requires_grad_(True)
+    up.requires_grad_(True)
+    w = torch.randn(16, 24, generator=g, dtype=torch.float64)
+    a = torch.randn(4, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(16, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    act = nn.SiLU()
+    for p in (0.0, 0.3):
+        y = fused.gated_down(gate, up, act, w, None, a, b, 0.5, p, training=True, seed=5)
+        z = act(gate) * up
+        mask = fused._dropout_mask(torch.Size([10, 24]), p, 5, x.device, torch.float64).reshape(z.shape) if p else 1.0
+        yr = F.linear(z, w) + ((z * mask) @ a.T @ b.T) * 0.5
+        dy = torch.randn_like(yr)
+        got = torch.autograd.grad(y, (gate, up, a, b), dy)
+        want = torch.autograd.grad(yr, (gate, up, a, b), dy)
+        assert rel(y, yr) < 1e-12
+        for g1, g2 in zip(got, want):
+            assert rel(g1, g2) < 1e-12
+
+
+def saved_shapes(fn):
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return shapes
+
+
+def test_gated_mlp_stores_no_tensor_of_downs_input_beyond_g_and_u():
+    model = lorakit.inject(tiny_llama_causal(), lorakit.LoraConfig(r=4, target_modules=LLAMA_TARGETS))
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    fused_shapes = saved_shapes(lambda: mlp(x))
+    ops.set_fast_path(False)
+    try:
+        plain_shapes = saved_shapes(lambda: mlp(x))
+    finally:
+        ops.set_fast_path(True)
+    wide = (2, 9, 64)  # an activation as wide as the tiny model's MLP
+    assert fused_shapes.count(wide) == 2  # g and u
+    assert plain_shapes.count(wide) > 2  # plus act(g) and/or down's input
+
+
+def test_unload_restores_the_mlp_forward():
+    model = lorakit.inject(tiny_llama_causal(), lorakit.LoraConfig(r=4, target_modules=LLAMA_TARGETS))
+    assert "forward" in vars(model.model.layers[0].mlp)
+    plain = lorakit.unload(model)
+    assert "forward" not in vars(plain.model.layers[0].mlp)

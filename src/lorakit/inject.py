@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lorakit.config import COMMON_LAYER_CONTAINERS, LoraConfig
+from lorakit.fusion import fuse_gated_mlps, unfuse
 from lorakit.layers import SUPPORTED_TYPES, LoraLayer, ModulesToSave, is_conv1d, is_supported, wrap
 
 _STATE_ATTR = "_lorakit_state"
@@ -212,6 +213,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
     state.configs[adapter_name] = config
     setattr(model, _STATE_ATTR, state)
     set_adapter(model, state.active or [adapter_name])
+    fuse_gated_mlps(model)
     return model
 
 
@@ -286,6 +288,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     state.active = [n for n in state.active if n != name]
     if not state.configs:
         delattr(model, _STATE_ATTR)
+        unfuse(model)
         return
     set_adapter(model, state.active or next(iter(state.configs)))
 
@@ -353,6 +356,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         keep = holder.modules_to_save[holder.active_adapter] if merge and holder.active_adapter else holder.original_module
         _set_child(model, name, keep)
     delattr(model, _STATE_ATTR)
+    unfuse(model)
     for p in model.parameters():
         p.requires_grad_(True)
     return model

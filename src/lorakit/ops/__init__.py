@@ -15,6 +15,7 @@ import os
 
 from torch import Tensor, nn
 
+from lorakit.ops.fused import gated_down as fused_gated_down
 from lorakit.ops.fused import lora_linear as fused_lora_linear
 from lorakit.ops.reference import (
     embedding_delta,
@@ -30,6 +31,7 @@ __all__ = [
     "embedding_delta",
     "fast_path_blocker",
     "fast_path_enabled",
+    "fused_gated_down",
     "fused_lora_linear",
     "log_fallback_once",
     "lora_branch",

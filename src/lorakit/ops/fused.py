@@ -49,6 +49,64 @@ def _kernels(t: Tensor) -> bool:
     return tk.triton_usable(t) and (t.is_cuda or _KERNELS_ON_CPU) and t.numel() <= tk.MAX_MASK_ELEMENTS
 
 
+def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scale: float,
+             p: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(y, h) for x2 (T, in): y = x·Wᵀ + b + s·h·Bᵀ with h = dropout(x)·Aᵀ (T, r)."""
+    ct = x2.dtype
+    n_out, n_in = weight.shape
+    a, b = lora_A.to(ct), lora_B.to(ct)
+    kernels = _kernels(x2)
+    bias = None if bias is None else bias.to(ct)
+    if p == 0.0:
+        w_eff = torch.empty(n_out, n_in, dtype=ct, device=x2.device)  # (out, in)
+        _w_eff(weight, a, b, scale, w_eff, kernels)
+        return torch.nn.functional.linear(x2, w_eff, bias), x2 @ a.T  # (T, out), (T, r)
+    y = torch.nn.functional.linear(x2, weight.to(ct), bias)
+    if kernels:
+        h = tk.masked_shrink(x2, a, p, seed)  # (T, r), mask made and dropped in-kernel
+    else:
+        h = (x2 * _dropout_mask(x2.shape, p, seed, x2.device, ct)) @ a.T
+    return torch.addmm(y, h, b.T, alpha=scale), h  # (T, out)
+
+
+def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor, scale: float,
+              p: float, seed: int, needs: tuple[bool, ...]):
+    """Gradients (dx, dW, dbias, dA, dB) of `_forward`; `needs` says which are wanted, in that order."""
+    need_dx, need_w, need_bias, need_a, need_b = needs
+    ct = dy2.dtype
+    n_out, n_in = weight.shape
+    a, b = lora_A.to(ct), lora_B.to(ct)
+    x2 = x2.to(ct)
+    kernels = _kernels(x2)
+    dx = dweight = dbias = d_a = d_b = None
+    dyb = dy2 @ b  # (T, r)
+    if need_dx and p == 0.0:
+        w_eff = torch.empty(n_out, n_in, dtype=ct, device=x2.device)  # (out, in)
+        _w_eff(weight, a, b, scale, w_eff, kernels)
+        dx = dy2 @ w_eff  # dy·W_eff: (T, in)
+    elif need_dx:
+        dx = dy2 @ weight.to(ct)  # (T, in)
+        if kernels:
+            tk.masked_dx_add_(dx, dyb, a, scale, p, seed)
+        else:
+            dx.addcmul_(dyb @ a, _dropout_mask(x2.shape, p, seed, x2.device, ct), value=scale)
+    if need_a:
+        if p == 0.0:
+            d_a = dyb.T @ x2
+        elif kernels:
+            d_a = tk.masked_grad_a(dyb, x2, p, seed)
+        else:
+            d_a = dyb.T @ (x2 * _dropout_mask(x2.shape, p, seed, x2.device, ct))
+        d_a = (d_a * scale).to(lora_A.dtype)  # (r, in)
+    if need_b:
+        d_b = (dy2.T @ h.to(ct)).mul_(scale).to(lora_B.dtype)  # (out, r)
+    if need_w:
+        dweight = (dy2.T @ x2).to(weight.dtype)
+    if need_bias:
+        dbias = dy2.sum(0).to(weight.dtype)
+    return dx, dweight, dbias, d_a, d_b
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ with a hand-written backward."""
 
@@ -56,70 +114,61 @@ class LoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                 scale: float, dropout_p: float, seed: int) -> Tensor:
         # x (..., in), weight (out, in), lora_A (r, in), lora_B (out, r)
-        ct = x.dtype
-        n_out, n_in = weight.shape
-        a, b = lora_A.to(ct), lora_B.to(ct)
-        x2 = x.reshape(-1, n_in)  # (T, in)
-        kernels = _kernels(x2)
-        if dropout_p == 0.0:
-            w_eff = torch.empty(n_out, n_in, dtype=ct, device=x.device)  # (out, in)
-            _w_eff(weight, a, b, scale, w_eff, kernels)
-            y = torch.nn.functional.linear(x2, w_eff, None if bias is None else bias.to(ct))  # (T, out)
-            h = x2 @ a.T  # (T, r)
-        else:
-            y = torch.nn.functional.linear(x2, weight.to(ct), None if bias is None else bias.to(ct))
-            if kernels:
-                h = tk.masked_shrink(x2, a, dropout_p, seed)  # (T, r), mask made and dropped in-kernel
-            else:
-                h = (x2 * _dropout_mask(x2.shape, dropout_p, seed, x.device, ct)) @ a.T
-            y = torch.addmm(y, h, b.T, alpha=scale)  # (T, out)
+        y, h = _forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scale, dropout_p, seed)
         ctx.save_for_backward(x, weight, lora_A, lora_B, h)
         ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
         ctx.has_bias = bias is not None
-        return y.reshape(*x.shape[:-1], n_out)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, weight, lora_A, lora_B, h = ctx.saved_tensors
-        s, p, seed = ctx.scale, ctx.dropout_p, ctx.seed
-        ct = dy.dtype
-        n_out, n_in = weight.shape
-        a, b = lora_A.to(ct), lora_B.to(ct)
-        x2 = x.reshape(-1, n_in).to(ct)  # (T, in)
-        dy2 = dy.reshape(-1, n_out)  # (T, out)
-        kernels = _kernels(x2)
-        need_dx = ctx.needs_input_grad[0]
-        dx = dweight = dbias = d_a = d_b = None
-        if p == 0.0 and need_dx:
-            w_eff = torch.empty(n_out, n_in, dtype=ct, device=x.device)  # (out, in)
-            _w_eff(weight, a, b, s, w_eff, kernels)
-            dx = dy2 @ w_eff  # dy·W_eff: (T, in)
-            dyb = dy2 @ b  # (T, r)
-        else:
-            dyb = dy2 @ b  # (T, r)
-            if need_dx:
-                dx = dy2 @ weight.to(ct)  # (T, in)
-                if kernels:
-                    tk.masked_dx_add_(dx, dyb, a, s, p, seed)
-                else:
-                    dx.addcmul_(dyb @ a, _dropout_mask(x2.shape, p, seed, x.device, ct), value=s)
-        if ctx.needs_input_grad[3]:
-            if p == 0.0:
-                d_a = dyb.T @ x2
-            elif kernels:
-                d_a = tk.masked_grad_a(dyb, x2, p, seed)
-            else:
-                d_a = dyb.T @ (x2 * _dropout_mask(x2.shape, p, seed, x.device, ct))
-            d_a = (d_a * s).to(lora_A.dtype)  # (r, in)
-        if ctx.needs_input_grad[4]:
-            d_b = (dy2.T @ h.to(ct)).mul_(s).to(lora_B.dtype)  # (out, r)
-        if need_dx:
+        n = ctx.needs_input_grad
+        dx, dw, dbias, d_a, d_b = _backward(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight,
+                                            lora_A, lora_B, h, ctx.scale, ctx.dropout_p, ctx.seed,
+                                            (n[0], n[1], ctx.has_bias and n[2], n[3], n[4]))
+        if dx is not None:
             dx = dx.reshape(x.shape).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            dweight = (dy2.T @ x2).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            dbias = dy2.sum(0).to(weight.dtype)
-        return dx, dweight, dbias, d_a, d_b, None, None, None
+        return dx, dw, dbias, d_a, d_b, None, None, None
+
+
+class GatedDownFunction(torch.autograd.Function):
+    """down(act(g) ⊙ u) for a gated MLP, saving g and u instead of down's input.
+
+    The MLP's own backward needs g and u anyway; the product act(g)⊙u (tokens × the
+    MLP width, the largest activation of a block) is recomputed in backward instead
+    of being stored, and act(g) is not stored either.
+    """
+
+    @staticmethod
+    def forward(ctx, g: Tensor, u: Tensor, act, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
+                lora_B: Tensor, scale: float, dropout_p: float, seed: int) -> Tensor:
+        with torch.no_grad():
+            z = act(g) * u  # (..., width), freed after forward
+        y, h = _forward(z.reshape(-1, z.shape[-1]), weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+        ctx.save_for_backward(g, u, weight, lora_A, lora_B, h)
+        ctx.act, ctx.scale, ctx.dropout_p, ctx.seed = act, scale, dropout_p, seed
+        ctx.has_bias = bias is not None
+        return y.reshape(*g.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        g, u, weight, lora_A, lora_B, h = ctx.saved_tensors
+        n = ctx.needs_input_grad
+        with torch.enable_grad():
+            g_ = g.detach().requires_grad_(True)
+            act_g = ctx.act(g_)
+        z = act_g.detach() * u
+        dz, dw, dbias, d_a, d_b = _backward(dy.reshape(-1, dy.shape[-1]), z.reshape(-1, z.shape[-1]), weight,
+                                            lora_A, lora_B, h, ctx.scale, ctx.dropout_p, ctx.seed,
+                                            (n[0] or n[1], n[3], ctx.has_bias and n[4], n[5], n[6]))
+        dg = du = None
+        if dz is not None:
+            dz = dz.reshape(g.shape).to(g.dtype)
+            du = dz * act_g.detach() if n[1] else None
+            if n[0]:
+                dg, = torch.autograd.grad(act_g, g_, dz * u)
+        return dg, du, None, dw, dbias, d_a, d_b, None, None, None
 
 
 def _w_eff(weight: Tensor, a: Tensor, b: Tensor, scale: float, out: Tensor, kernels: bool) -> None:
@@ -138,3 +187,12 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
     if p and seed is None:
         seed = new_seed()
     return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scale), p, int(seed or 0))
+
+
+def gated_down(g: Tensor, u: Tensor, act, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+               scale: float, dropout_p: float = 0.0, training: bool = False, seed: int | None = None) -> Tensor:
+    """down(act(g) ⊙ u) with LoRA on down, storing g and u only."""
+    p = float(dropout_p) if training else 0.0
+    if p and seed is None:
+        seed = new_seed()
+    return GatedDownFunction.apply(g, u, act, weight, bias, lora_A, lora_B, float(scale), p, int(seed or 0))

@@ -1,0 +1,60 @@
+"""Block-level fusion for training: gated MLPs store g and u, not down_proj's input.
+
+A gated MLP computes down(act(gate(x)) ⊙ up(x)). With LoRA on down_proj, a per-layer
+fused path must store down's input (tokens × the MLP width, the largest activation of
+a block) for dA. When gate, up and down are all LoRA layers, lorakit runs the MLP as
+gate, up, then one fused down node that stores g and u — which the MLP's backward
+needs anyway — and recomputes act(g) ⊙ u in backward. Recognised MLPs: modules whose
+class name ends in "MLP" with gate_proj, up_proj, down_proj and act_fn (Llama,
+Mistral, Qwen2/3, Gemma and their kin). Anything else keeps its own forward.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import Tensor, nn
+
+from lorakit import ops
+from lorakit.layers import LoraLinear
+
+_MARK = "_lorakit_gated_mlp"
+_PARTS = ("gate_proj", "up_proj", "down_proj")
+
+
+def is_gated_mlp(module: nn.Module) -> bool:
+    return (type(module).__name__.endswith("MLP") and callable(getattr(module, "act_fn", None))
+            and all(isinstance(getattr(module, n, None), nn.Module) for n in _PARTS))
+
+
+def _fused_forward(self: nn.Module, x: Tensor) -> Tensor:
+    down = self.down_proj
+    if isinstance(down, LoraLinear) and torch.is_grad_enabled() and not down.fan_in_fan_out:
+        active = down.unmerged_active()
+        if len(active) == 1 and ops.fast_path_blocker(down.base_layer, x) is None:
+            name = active[0]
+            g, u = self.gate_proj(x), self.up_proj(x)
+            return ops.fused_gated_down(g, u, self.act_fn, down.base_layer.weight, down.base_layer.bias,
+                                        down.A_table[name], down.B_table[name], down.scaling[name],
+                                        down.lora_dropout[name], down.training)
+    return type(self).forward(self, x)
+
+
+def fuse_gated_mlps(model: nn.Module) -> int:
+    """Give every recognised gated MLP with a LoRA down_proj the fused forward; returns how many."""
+    count = 0
+    for module in model.modules():
+        if is_gated_mlp(module) and isinstance(module.down_proj, LoraLinear) and not getattr(module, _MARK, False):
+            module.forward = types.MethodType(_fused_forward, module)
+            setattr(module, _MARK, True)
+            count += 1
+    return count
+
+
+def unfuse(model: nn.Module) -> None:
+    """Restore every MLP's own forward."""
+    for module in model.modules():
+        if getattr(module, _MARK, False):
+            del module.forward
+            delattr(module, _MARK)
