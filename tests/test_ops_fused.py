@@ -153,7 +153,7 @@ def test_gated_down_matches_reference_with_and_without_dropout():
     b = torch.randn(16, 4, generator=g, dtype=torch.float64, requires_grad=True)
     act = nn.SiLU()
     for p in (0.0, 0.3):
-        y = fused.gated_down(gate, up, act, w, None, a, b, 0.5, p, training=True, seed=5)
+        y = fused.gated_down(gate, up, "silu", w, None, a, b, 0.5, p, training=True, seed=5)
         z = act(gate) * up
         mask = fused._dropout_mask(torch.Size([10, 24]), p, 5, x.device, torch.float64).reshape(z.shape) if p else 1.0
         yr = F.linear(z, w) + ((z * mask) @ a.T @ b.T) * 0.5
@@ -197,3 +197,13 @@ def test_unload_restores_the_mlp_forward():
     assert "forward" in vars(model.model.layers[0].mlp)
     plain = lorakit.unload(model)
     assert "forward" not in vars(plain.model.layers[0].mlp)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_lora_layers_trace_without_graph_breaks(p):
+    import torch._dynamo as dynamo
+
+    model = lorakit.inject(tiny_llama_causal(), lorakit.LoraConfig(r=4, target_modules=LLAMA_TARGETS, lora_dropout=p))
+    model.train()
+    explanation = dynamo.explain(model)(input_ids=input_ids())
+    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]

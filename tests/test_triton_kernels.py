@@ -85,3 +85,11 @@ def test_fused_function_with_kernels_matches_reference(p):
             assert rel(g1, g2) < 1e-5
     finally:
         fused.use_kernels_on_cpu(False)
+
+
+@pytest.mark.parametrize("seed", [0, 5, 2**31 - 2])
+def test_torch_mask_equals_kernel_mask(seed):
+    for shape in [(300, 70), (1, 5), (64, 129)]:
+        kernel = tk.dropout_keep_mask(shape, 0.3, seed, DEVICE)
+        torch_mask = tk.keep_mask_torch(shape, 0.3, tk.seed_tensor(seed, DEVICE))
+        assert torch.equal(kernel, torch_mask)

@@ -5,8 +5,9 @@ fused path must store down's input (tokens × the MLP width, the largest activat
 a block) for dA. When gate, up and down are all LoRA layers, lorakit runs the MLP as
 gate, up, then one fused down node that stores g and u — which the MLP's backward
 needs anyway — and recomputes act(g) ⊙ u in backward. Recognised MLPs: modules whose
-class name ends in "MLP" with gate_proj, up_proj, down_proj and act_fn (Llama,
-Mistral, Qwen2/3, Gemma and their kin). Anything else keeps its own forward.
+class name ends in "MLP" with gate_proj, up_proj, down_proj and an act_fn that is SiLU
+or GELU (Llama, Mistral, Qwen2/3, Gemma and their kin). Anything else keeps its own
+forward.
 """
 
 from __future__ import annotations
@@ -23,8 +24,17 @@ _MARK = "_lorakit_gated_mlp"
 _PARTS = ("gate_proj", "up_proj", "down_proj")
 
 
+def activation_kind(act: object) -> str | None:
+    """The GATED_ACTIVATIONS name of an activation module, or None if the fused node cannot run it."""
+    if isinstance(act, nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU"):
+        return "silu"
+    if isinstance(act, nn.GELU):
+        return "gelu" if act.approximate == "none" else "gelu_tanh"
+    return None
+
+
 def is_gated_mlp(module: nn.Module) -> bool:
-    return (type(module).__name__.endswith("MLP") and callable(getattr(module, "act_fn", None))
+    return (type(module).__name__.endswith("MLP") and activation_kind(getattr(module, "act_fn", None)) is not None
             and all(isinstance(getattr(module, n, None), nn.Module) for n in _PARTS))
 
 
@@ -35,7 +45,7 @@ def _fused_forward(self: nn.Module, x: Tensor) -> Tensor:
         if len(active) == 1 and ops.fast_path_blocker(down.base_layer, x) is None:
             name = active[0]
             g, u = self.gate_proj(x), self.up_proj(x)
-            return ops.fused_gated_down(g, u, self.act_fn, down.base_layer.weight, down.base_layer.bias,
+            return ops.fused_gated_down(g, u, activation_kind(self.act_fn), down.base_layer.weight, down.base_layer.bias,
                                         down.A_table[name], down.B_table[name], down.scaling[name],
                                         down.lora_dropout[name], down.training)
     return type(self).forward(self, x)

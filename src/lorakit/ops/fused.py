@@ -23,17 +23,23 @@ from torch import Tensor
 from lorakit.ops import triton_kernels as tk
 
 
-def _dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """keep / (1 - p), regenerated bit for bit from `seed` (forward and backward call this)."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    keep = torch.rand(shape, generator=gen, device=device) >= p
+def _dropout_mask(shape: torch.Size, p: float, seed: int | Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """keep / (1 - p) for a (T, in) input, regenerated bit for bit from `seed`.
+
+    The same mask as the Triton kernels draw (`triton_kernels.keep_mask_torch`), so a
+    seed gives one mask on every device and in every code path.
+    """
+    keep = tk.keep_mask_torch(tuple(shape), p, tk.seed_tensor(seed, device))
     return keep.to(dtype) / (1.0 - p)
 
 
-def new_seed() -> int:
-    """A dropout seed drawn from torch's CPU generator, so torch.manual_seed reproduces runs."""
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())  # int32: one kernel specialisation
+def new_seed(device: torch.device | str = "cpu") -> Tensor:
+    """A dropout seed drawn from torch's generator on `device`, so torch.manual_seed reproduces runs.
+
+    It stays a one-element tensor: the kernels read it on the device, with no host sync
+    and nothing that stops torch.compile from tracing the layer.
+    """
+    return torch.randint(0, 2**31 - 1, (1,), device=device)
 
 
 _KERNELS_ON_CPU = False  # tests turn this on under TRITON_INTERPRET=1 to run the kernels on the CPU
@@ -50,7 +56,7 @@ def _kernels(t: Tensor) -> bool:
 
 
 def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scale: float,
-             p: float, seed: int) -> tuple[Tensor, Tensor]:
+             p: float, seed: Tensor | None) -> tuple[Tensor, Tensor]:
     """(y, h) for x2 (T, in): y = x·Wᵀ + b + s·h·Bᵀ with h = dropout(x)·Aᵀ (T, r)."""
     ct = x2.dtype
     n_out, n_in = weight.shape
@@ -70,7 +76,7 @@ def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lo
 
 
 def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor, scale: float,
-              p: float, seed: int, needs: tuple[bool, ...]):
+              p: float, seed: Tensor | None, needs: tuple[bool, ...]):
     """Gradients (dx, dW, dbias, dA, dB) of `_forward`; `needs` says which are wanted, in that order."""
     need_dx, need_w, need_bias, need_a, need_b = needs
     ct = dy2.dtype
@@ -112,24 +118,33 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                scale: float, dropout_p: float, seed: int) -> Tensor:
+                scale: float, dropout_p: float, seed: Tensor | None) -> Tensor:
         # x (..., in), weight (out, in), lora_A (r, in), lora_B (out, r)
         y, h = _forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scale, dropout_p, seed)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, h)
-        ctx.scale, ctx.dropout_p, ctx.seed = scale, dropout_p, seed
+        ctx.save_for_backward(x, weight, lora_A, lora_B, h, seed)
+        ctx.scale, ctx.dropout_p = scale, dropout_p
         ctx.has_bias = bias is not None
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x, weight, lora_A, lora_B, h = ctx.saved_tensors
+        x, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
         n = ctx.needs_input_grad
         dx, dw, dbias, d_a, d_b = _backward(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight,
-                                            lora_A, lora_B, h, ctx.scale, ctx.dropout_p, ctx.seed,
+                                            lora_A, lora_B, h, ctx.scale, ctx.dropout_p, seed,
                                             (n[0], n[1], ctx.has_bias and n[2], n[3], n[4]))
         if dx is not None:
             dx = dx.reshape(x.shape).to(x.dtype)
         return dx, dw, dbias, d_a, d_b, None, None, None
+
+
+# Activations the gated-MLP node can differentiate itself: name -> (forward, backward).
+GATED_ACTIVATIONS = {
+    "silu": (torch.nn.functional.silu, lambda grad, g: torch.ops.aten.silu_backward(grad, g)),
+    "gelu": (torch.nn.functional.gelu, lambda grad, g: torch.ops.aten.gelu_backward(grad, g)),
+    "gelu_tanh": (lambda g: torch.nn.functional.gelu(g, approximate="tanh"),
+                  lambda grad, g: torch.ops.aten.gelu_backward(grad, g, approximate="tanh")),
+}
 
 
 class GatedDownFunction(torch.autograd.Function):
@@ -141,33 +156,30 @@ class GatedDownFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, g: Tensor, u: Tensor, act, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
-                lora_B: Tensor, scale: float, dropout_p: float, seed: int) -> Tensor:
-        with torch.no_grad():
-            z = act(g) * u  # (..., width), freed after forward
+    def forward(ctx, g: Tensor, u: Tensor, act: str, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
+                lora_B: Tensor, scale: float, dropout_p: float, seed: Tensor | None) -> Tensor:
+        z = GATED_ACTIVATIONS[act][0](g) * u  # (..., width), freed after forward
         y, h = _forward(z.reshape(-1, z.shape[-1]), weight, bias, lora_A, lora_B, scale, dropout_p, seed)
-        ctx.save_for_backward(g, u, weight, lora_A, lora_B, h)
-        ctx.act, ctx.scale, ctx.dropout_p, ctx.seed = act, scale, dropout_p, seed
+        ctx.save_for_backward(g, u, weight, lora_A, lora_B, h, seed)
+        ctx.act, ctx.scale, ctx.dropout_p = act, scale, dropout_p
         ctx.has_bias = bias is not None
         return y.reshape(*g.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        g, u, weight, lora_A, lora_B, h = ctx.saved_tensors
+        g, u, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
         n = ctx.needs_input_grad
-        with torch.enable_grad():
-            g_ = g.detach().requires_grad_(True)
-            act_g = ctx.act(g_)
-        z = act_g.detach() * u
+        act_fwd, act_bwd = GATED_ACTIVATIONS[ctx.act]
+        act_g = act_fwd(g)
+        z = act_g * u
         dz, dw, dbias, d_a, d_b = _backward(dy.reshape(-1, dy.shape[-1]), z.reshape(-1, z.shape[-1]), weight,
-                                            lora_A, lora_B, h, ctx.scale, ctx.dropout_p, ctx.seed,
+                                            lora_A, lora_B, h, ctx.scale, ctx.dropout_p, seed,
                                             (n[0] or n[1], n[3], ctx.has_bias and n[4], n[5], n[6]))
         dg = du = None
         if dz is not None:
             dz = dz.reshape(g.shape).to(g.dtype)
-            du = dz * act_g.detach() if n[1] else None
-            if n[0]:
-                dg, = torch.autograd.grad(act_g, g_, dz * u)
+            du = dz * act_g if n[1] else None
+            dg = act_bwd(dz * u, g) if n[0] else None
         return dg, du, None, dw, dbias, d_a, d_b, None, None, None
 
 
@@ -180,19 +192,23 @@ def _w_eff(weight: Tensor, a: Tensor, b: Tensor, scale: float, out: Tensor, kern
         out.copy_(torch.addmm(weight.to(acc), b.to(acc), a.to(acc), alpha=scale))
 
 
+def _seed(p: float, seed: int | Tensor | None, device) -> Tensor | None:
+    if not p:
+        return None
+    return new_seed(device) if seed is None else tk.seed_tensor(seed, device)
+
+
 def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                scale: float, dropout_p: float = 0.0, training: bool = False, seed: int | None = None) -> Tensor:
+                scale: float, dropout_p: float = 0.0, training: bool = False,
+                seed: int | Tensor | None = None) -> Tensor:
     """The fused path with `reference.lora_linear`'s signature (plus an optional dropout seed)."""
     p = float(dropout_p) if training else 0.0
-    if p and seed is None:
-        seed = new_seed()
-    return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scale), p, int(seed or 0))
+    return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scale), p, _seed(p, seed, x.device))
 
 
-def gated_down(g: Tensor, u: Tensor, act, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-               scale: float, dropout_p: float = 0.0, training: bool = False, seed: int | None = None) -> Tensor:
-    """down(act(g) ⊙ u) with LoRA on down, storing g and u only."""
+def gated_down(g: Tensor, u: Tensor, act: str, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
+               lora_B: Tensor, scale: float, dropout_p: float = 0.0, training: bool = False,
+               seed: int | Tensor | None = None) -> Tensor:
+    """down(act(g) ⊙ u) with LoRA on down, storing g and u only; `act` names a GATED_ACTIVATIONS entry."""
     p = float(dropout_p) if training else 0.0
-    if p and seed is None:
-        seed = new_seed()
-    return GatedDownFunction.apply(g, u, act, weight, bias, lora_A, lora_B, float(scale), p, int(seed or 0))
+    return GatedDownFunction.apply(g, u, act, weight, bias, lora_A, lora_B, float(scale), p, _seed(p, seed, g.device))

@@ -88,11 +88,29 @@ def build_w_eff(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, ou
 # times less than a counter-based generator, which made these kernels compute-bound.
 
 MAX_MASK_ELEMENTS = 2**31 - 1  # positions are int32 offsets
+_GOLDEN, _MUL1, _MUL2, _LOW32 = 0x9E3779B1, 0x7FEB352D, 0x846CA68B, 0xFFFFFFFF
+
+
+def keep_mask_torch(shape: tuple[int, int], p: float, seed: Tensor) -> Tensor:
+    """The kernels' keep-mask computed with torch integer ops: the same bits on any device.
+
+    int64 products wrap modulo 2⁶⁴, which keeps the low 32 bits exact; masking to 32 bits
+    before every shift keeps the shifts logical.
+    """
+    T, n_in = shape
+    h = torch.arange(T * n_in, device=seed.device, dtype=torch.int64).view(T, n_in)
+    h = (h * _GOLDEN + (seed & _LOW32)) & _LOW32
+    h = h ^ (h >> 16)
+    h = (h * _MUL1) & _LOW32
+    h = h ^ (h >> 15)
+    h = (h * _MUL2) & _LOW32
+    h = h ^ (h >> 16)
+    return (h >> 8).to(torch.float32) * (1.0 / 16777216.0) >= p
 
 if triton is not None:
 
     @triton.jit
-    def _keep(seed, rows, cols, n_in, p):
+    def _keep(seed, rows, cols, n_in, p):  # seed: a scalar loaded from the seed tensor
         pos = (rows[:, None] * n_in + cols[None, :]).to(tl.uint32)
         h = pos * 0x9E3779B1 + seed.to(tl.uint32)
         h = h ^ (h >> 16)
@@ -104,15 +122,15 @@ if triton is not None:
         return u >= p
 
     @triton.jit
-    def _mask_kernel(OUT, T, n_in, seed, p, BT: tl.constexpr, BN: tl.constexpr):
+    def _mask_kernel(OUT, T, n_in, SEED, p, BT: tl.constexpr, BN: tl.constexpr):
         rt = tl.program_id(0) * BT + tl.arange(0, BT)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         ok = (rt[:, None] < T) & (rn[None, :] < n_in)
-        keep = _keep(seed, rt, rn, n_in, p)
+        keep = _keep(tl.load(SEED), rt, rn, n_in, p)
         tl.store(OUT + rt[:, None] * n_in + rn[None, :], keep.to(tl.int8), mask=ok)
 
     @triton.jit
-    def _masked_shrink_kernel(X, A, H, T, n_in, r, seed, p, inv_keep,
+    def _masked_shrink_kernel(X, A, H, T, n_in, r, SEED, p, inv_keep,
                               s_x0, s_x1, s_a0, s_a1, s_h0, s_h1,
                               BT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
         # H[t, :] = Σ_i dropout(X)[t, i] · A[:, i]; one block of BT rows per program.
@@ -123,7 +141,7 @@ if triton is not None:
             rk = k0 + tl.arange(0, BK)
             ok = (rt[:, None] < T) & (rk[None, :] < n_in)
             x = tl.load(X + rt[:, None] * s_x0 + rk[None, :] * s_x1, mask=ok, other=0.0)
-            keep = _keep(seed, rt, rk, n_in, p)
+            keep = _keep(tl.load(SEED), rt, rk, n_in, p)
             x = tl.where(keep, x * inv_keep, 0.0).to(X.dtype.element_ty)
             a = tl.load(A + rr[None, :] * s_a0 + rk[:, None] * s_a1, mask=(rr[None, :] < r) & (rk[:, None] < n_in),
                         other=0.0)  # (BK, BR) = Aᵀ tile
@@ -135,7 +153,7 @@ if triton is not None:
                  mask=(rt[:, None] < T) & (rr[None, :] < r))
 
     @triton.jit
-    def _masked_grad_a_kernel(DYB, X, PART, T, n_in, r, seed, p, inv_keep, rows_per_split,
+    def _masked_grad_a_kernel(DYB, X, PART, T, n_in, r, SEED, p, inv_keep, rows_per_split,
                               s_d0, s_d1, s_x0, s_x1,
                               BT: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
         # PART[split, :, n] = Σ_{t in split} DYB[t, :]ᵀ · dropout(X)[t, n]
@@ -150,7 +168,7 @@ if triton is not None:
             t_ok = rt < T
             x = tl.load(X + rt[:, None] * s_x0 + rn[None, :] * s_x1, mask=t_ok[:, None] & (rn[None, :] < n_in),
                         other=0.0)
-            keep = _keep(seed, rt, rn, n_in, p)
+            keep = _keep(tl.load(SEED), rt, rn, n_in, p)
             x = tl.where(keep, x * inv_keep, 0.0).to(X.dtype.element_ty)
             d = tl.load(DYB + rr[:, None] * s_d1 + rt[None, :] * s_d0, mask=(rr[:, None] < r) & t_ok[None, :],
                         other=0.0)  # (BR, BT) = DYBᵀ tile
@@ -162,7 +180,7 @@ if triton is not None:
         tl.store(out, acc, mask=(rr[:, None] < r) & (rn[None, :] < n_in))
 
     @triton.jit
-    def _masked_dx_add_kernel(DX, DYB, A, T, n_in, r, seed, p, scale_keep,
+    def _masked_dx_add_kernel(DX, DYB, A, T, n_in, r, SEED, p, scale_keep,
                               s_dx0, s_dx1, s_d0, s_d1, s_a0, s_a1,
                               BT: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
         # DX[t, n] += s/(1-p) · keep(t, n) · Σ_k DYB[t, k] · A[k, n]
@@ -177,7 +195,7 @@ if triton is not None:
             prod = tl.dot(d, a, input_precision="ieee")
         else:
             prod = tl.dot(d, a)
-        keep = _keep(seed, rt, rn, n_in, p)
+        keep = _keep(tl.load(SEED), rt, rn, n_in, p)
         ok = (rt[:, None] < T) & (rn[None, :] < n_in)
         ptr = DX + rt[:, None] * s_dx0 + rn[None, :] * s_dx1
         dx = tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
@@ -193,28 +211,35 @@ def _ieee(t: Tensor) -> bool:
     return t.dtype not in (torch.float16, torch.bfloat16)
 
 
-def dropout_keep_mask(shape: tuple[int, int], p: float, seed: int, device) -> Tensor:
+def seed_tensor(seed: int | Tensor, device) -> Tensor:
+    """The seed as the one-element int64 tensor the kernels read (so no host sync is needed)."""
+    if isinstance(seed, Tensor):
+        return seed.to(device=device, dtype=torch.int64).reshape(1)
+    return torch.tensor([seed], dtype=torch.int64, device=device)
+
+
+def dropout_keep_mask(shape: tuple[int, int], p: float, seed: int | Tensor, device) -> Tensor:
     """The (T, in) boolean keep-mask that the kernels regenerate from `seed` (for tests and the CPU)."""
     T, n_in = shape
     out = torch.empty(T, n_in, dtype=torch.int8, device=device)
     grid = (triton.cdiv(T, 32), triton.cdiv(n_in, 64))
-    _mask_kernel[grid](out, T, n_in, seed, p, BT=32, BN=64)
+    _mask_kernel[grid](out, T, n_in, seed_tensor(seed, device), p, BT=32, BN=64)
     return out.bool()
 
 
-def masked_shrink(x2: Tensor, lora_A: Tensor, p: float, seed: int) -> Tensor:
+def masked_shrink(x2: Tensor, lora_A: Tensor, p: float, seed: int | Tensor) -> Tensor:
     """h = dropout(x)·Aᵀ with the seed's mask: x2 (T, in), A (r, in) in x's dtype -> (T, r)."""
     T, n_in = x2.shape
     r = lora_A.shape[0]
     h = torch.empty(T, r, dtype=x2.dtype, device=x2.device)
     bt, bk = 64, 64
     _masked_shrink_kernel[(triton.cdiv(T, bt),)](
-        x2, lora_A, h, T, n_in, r, seed, p, 1.0 / (1.0 - p), x2.stride(0), x2.stride(1), lora_A.stride(0),
+        x2, lora_A, h, T, n_in, r, seed_tensor(seed, x2.device), p, 1.0 / (1.0 - p), x2.stride(0), x2.stride(1), lora_A.stride(0),
         lora_A.stride(1), h.stride(0), h.stride(1), BT=bt, BK=bk, BR=_br(r), IEEE=_ieee(x2))
     return h
 
 
-def masked_grad_a(dyb: Tensor, x2: Tensor, p: float, seed: int) -> Tensor:
+def masked_grad_a(dyb: Tensor, x2: Tensor, p: float, seed: int | Tensor) -> Tensor:
     """dyBᵀ·dropout(x) in float32: dyb (T, r), x2 (T, in) -> (r, in)."""
     T, n_in = x2.shape
     r = dyb.shape[1]
@@ -226,18 +251,18 @@ def masked_grad_a(dyb: Tensor, x2: Tensor, p: float, seed: int) -> Tensor:
     splits = triton.cdiv(T, rows)
     part = torch.empty(splits, r, n_in, dtype=torch.float32, device=x2.device)
     _masked_grad_a_kernel[(n_blocks, splits)](
-        dyb, x2, part, T, n_in, r, seed, p, 1.0 / (1.0 - p), rows, dyb.stride(0), dyb.stride(1),
+        dyb, x2, part, T, n_in, r, seed_tensor(seed, x2.device), p, 1.0 / (1.0 - p), rows, dyb.stride(0), dyb.stride(1),
         x2.stride(0), x2.stride(1), BT=bt, BN=bn, BR=_br(r), IEEE=_ieee(x2))
     return part.sum(0)
 
 
-def masked_dx_add_(dx: Tensor, dyb: Tensor, lora_A: Tensor, scale: float, p: float, seed: int) -> Tensor:
+def masked_dx_add_(dx: Tensor, dyb: Tensor, lora_A: Tensor, scale: float, p: float, seed: int | Tensor) -> Tensor:
     """dx += s·(dyB·A)⊙mask/(1-p) in place: dx (T, in), dyb (T, r), A (r, in)."""
     T, n_in = dx.shape
     r = lora_A.shape[0]
     bt, bn = 64, 64
     grid = (triton.cdiv(T, bt), triton.cdiv(n_in, bn))
     _masked_dx_add_kernel[grid](
-        dx, dyb, lora_A, T, n_in, r, seed, p, scale / (1.0 - p), dx.stride(0), dx.stride(1), dyb.stride(0),
+        dx, dyb, lora_A, T, n_in, r, seed_tensor(seed, dx.device), p, scale / (1.0 - p), dx.stride(0), dx.stride(1), dyb.stride(0),
         dyb.stride(1), lora_A.stride(0), lora_A.stride(1), BT=bt, BN=bn, BR=_br(r), IEEE=_ieee(dx))
     return dx
