@@ -111,8 +111,11 @@ def main() -> None:
     rows = []
     for shape in args.shapes.split(","):
         bs, seq = map(int, shape.split("x"))
-        for r in map(int, args.ranks.split(",")):
+        ranks = [int(r) for r in args.ranks.split(",")]
+        for r in ranks:
             for method in args.methods.split(","):
+                if method in ("floor", "full") and r != ranks[0]:
+                    continue  # no adapter: the rank does not change these runs
                 dropouts = [0.0] if method in ("floor", "full") else [float(d) for d in args.dropouts.split(",")]
                 for dropout in dropouts:
                     row = measure(method, bs, seq, r, dropout, args.compile, args.steps, args.warm)
