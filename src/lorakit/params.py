@@ -18,6 +18,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.inject import count_parameters, inject, lora_layers
+from lorakit.train import freeze_first, parse_method
 
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -80,36 +81,6 @@ def build_on_meta(config, task: str) -> nn.Module:
             return auto.from_config(config)
         except ValueError as exc:
             raise ValueError(f"cannot build a {task} model from this config ({type(config).__name__}): {exc}") from None
-
-
-def freeze_first(model: nn.Module, n: int) -> None:
-    """Freeze the first `n` transformer blocks (the seed's partly frozen baseline)."""
-    blocks = find_blocks(model)
-    if n > len(blocks):
-        raise ValueError(f"freeze-first:{n} asks for more blocks than the model has ({len(blocks)})")
-    for block in list(blocks)[:n]:
-        block.requires_grad_(False)
-
-
-def find_blocks(model: nn.Module) -> nn.ModuleList:
-    """The model's stack of transformer blocks: its longest ModuleList."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    if not lists:
-        raise ValueError(f"{type(model).__name__} has no list of transformer blocks to freeze")
-    return max(lists, key=len)
-
-
-def parse_method(method: str) -> tuple[str, int]:
-    if method in ("lora", "full"):
-        return method, 0
-    if method.startswith("freeze-first:"):
-        try:
-            n = int(method.split(":", 1)[1])
-        except ValueError:
-            n = -1
-        if n >= 0:
-            return "freeze-first", n
-    raise ValueError(f"--method must be lora, full or freeze-first:N, got {method!r}")
 
 
 def account(config, *, method: str = "lora", r: int = 16, target_modules: list[str] | None = None,

@@ -226,11 +226,16 @@ def apply_method(model: nn.Module, c: TrainConfig, model_path: str) -> None:
         return
     model.requires_grad_(True)
     if kind == "freeze-first":
-        blocks = find_blocks(model)
-        if n > len(blocks):
-            raise ValueError(f"method freeze-first:{n} asks for more blocks than the model has ({len(blocks)})")
-        for block in list(blocks)[:n]:
-            block.requires_grad_(False)
+        freeze_first(model, n)
+
+
+def freeze_first(model: nn.Module, n: int) -> None:
+    """Freeze the first `n` transformer blocks and nothing else (the seed's partly frozen baseline)."""
+    blocks = find_blocks(model)
+    if n > len(blocks):
+        raise ValueError(f"method freeze-first:{n} asks for more blocks than the model has ({len(blocks)})")
+    for block in list(blocks)[:n]:
+        block.requires_grad_(False)
 
 
 def cpu_has_bf16_units() -> bool:
