@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import LLAMA_TARGETS, input_ids, tiny_gpt2, tiny_llama_causal
+from tiny_models import LLAMA_TARGETS, input_ids, tiny_bert_seq_cls, tiny_gpt2, tiny_llama_causal
 from torch import nn
 
 import lorakit
@@ -207,3 +207,38 @@ def test_lora_layers_trace_without_graph_breaks(p):
     model.train()
     explanation = dynamo.explain(model)(input_ids=input_ids())
     assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
+
+
+def tiny_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+def tiny_mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    return MistralForCausalLM(MistralConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+@pytest.mark.parametrize("make,targets,biased", [
+    (tiny_qwen2, LLAMA_TARGETS, True),  # Qwen2's q/k/v carry biases
+    (tiny_mistral, LLAMA_TARGETS, False),
+    (tiny_bert_seq_cls, ["query", "key", "value", "dense"], True),
+], ids=["qwen2", "mistral", "bert"])
+def test_other_architectures_take_the_fast_path_and_match(make, targets, biased, caplog):
+    model = lorakit.inject(make(), lorakit.LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+    if biased:
+        assert any(layer.base_layer.bias is not None for _, layer in lorakit.lora_layers(model))
+    ops._logged.clear()
+    with caplog.at_level(logging.INFO, logger="lorakit"):
+        out_f, g_f = train_step_grads(model, input_ids(), True)
+    assert not [r for r in caplog.records if "reference LoRA path" in r.message]  # no fallback
+    out_r, g_r = train_step_grads(model, input_ids(), False)
+    assert rel(out_f, out_r) < 1e-5
+    for k in g_f:
+        assert rel(g_f[k], g_r[k]) < 1e-4, k
