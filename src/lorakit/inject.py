@@ -19,6 +19,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import nn
 
+from lorakit import ops
 from lorakit.config import COMMON_LAYER_CONTAINERS, LoraConfig
 from lorakit.fusion import fuse_gated_mlps, unfuse
 from lorakit.layers import SUPPORTED_TYPES, LoraLayer, ModulesToSave, is_conv1d, is_supported, wrap
@@ -451,7 +452,8 @@ def _combine(layer: LoraLayer, weights: dict[str, float], method: str, rank: int
     """
     dtype = layer.A_table[next(iter(weights))].dtype
     if method == "svd":
-        delta = sum(w * _flat_delta(layer, n) for n, w in weights.items())  # (out, fan_in)
+        delta = sum(w * ops.lora_delta(layer.A_table[n], layer.B_table[n], layer.scaling[n]).flatten(1)
+                    for n, w in weights.items())  # (out, fan_in), in each layer's own B·A layout
         k = rank or max(layer.r[n] for n in weights)
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         k = min(k, s.numel())
@@ -471,9 +473,3 @@ def _combine(layer: LoraLayer, weights: dict[str, float], method: str, rank: int
             raise ValueError(f"method 'linear' needs equal ranks; found {[layer.r[n] for n in weights]}; use 'cat' or 'svd'")
         a, b = sum(parts_a), sum(parts_b)
     return a.to(dtype), b.to(dtype)
-
-
-def _flat_delta(layer: LoraLayer, name: str) -> torch.Tensor:
-    a = layer.A_table[name].float().flatten(1)
-    b = layer.B_table[name].float().flatten(1)
-    return (b @ a) * layer.scaling[name]  # (out, fan_in) in the adapter's own layout

@@ -65,7 +65,7 @@ def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lo
     bias = None if bias is None else bias.to(ct)
     if p == 0.0:
         w_eff = torch.empty(n_out, n_in, dtype=ct, device=x2.device)  # (out, in)
-        _w_eff(weight, a, b, scale, w_eff, kernels)
+        tk.build_w_eff(weight, a, b, scale, out=w_eff, use_kernel=kernels)
         return torch.nn.functional.linear(x2, w_eff, bias), x2 @ a.T  # (T, out), (T, r)
     y = torch.nn.functional.linear(x2, weight.to(ct), bias)
     if kernels:
@@ -88,7 +88,7 @@ def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: T
     dyb = dy2 @ b  # (T, r)
     if need_dx and p == 0.0:
         w_eff = torch.empty(n_out, n_in, dtype=ct, device=x2.device)  # (out, in)
-        _w_eff(weight, a, b, scale, w_eff, kernels)
+        tk.build_w_eff(weight, a, b, scale, out=w_eff, use_kernel=kernels)
         dx = dy2 @ w_eff  # dy·W_eff: (T, in)
     elif need_dx:
         dx = dy2 @ weight.to(ct)  # (T, in)
@@ -181,15 +181,6 @@ class GatedDownFunction(torch.autograd.Function):
             du = dz * act_g if n[1] else None
             dg = act_bwd(dz * u, g) if n[0] else None
         return dg, du, None, dw, dbias, d_a, d_b, None, None, None
-
-
-def _w_eff(weight: Tensor, a: Tensor, b: Tensor, scale: float, out: Tensor, kernels: bool) -> None:
-    """out ← W + s·B·A, accumulated in float32 and rounded once."""
-    if kernels:
-        tk.build_w_eff(weight, a, b, scale, out=out)
-    else:
-        acc = torch.promote_types(weight.dtype, torch.float32)  # float64 stays float64
-        out.copy_(torch.addmm(weight.to(acc), b.to(acc), a.to(acc), alpha=scale))
 
 
 def _seed(p: float, seed: int | Tensor | None, device) -> Tensor | None:

@@ -52,17 +52,20 @@ if triton is not None:
         tl.store(OUT + rm[:, None] * s_o0 + rn[None, :] * s_o1, out.to(OUT.dtype.element_ty), mask=m_ok & n_ok)
 
 
-def build_w_eff(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, out: Tensor | None = None) -> Tensor:
+def build_w_eff(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, out: Tensor | None = None,
+                use_kernel: bool | None = None) -> Tensor:
     """W + s·B·A in W's dtype. weight (out, in), lora_A (r, in), lora_B (out, r).
 
-    The product is accumulated in float32 and added to W before the one rounding.
-    `out` (optional) receives the result and may be a row-slice of a larger buffer.
+    The product is accumulated in float32 (float64 for float64 weights) and added to W
+    before the one rounding. `out` (optional) receives the result and may be a slice of
+    a larger buffer. `use_kernel` (default: wherever Triton can run) picks the kernel
+    or the same arithmetic in torch.
     """
     n_out, n_in = weight.shape
     r = lora_A.shape[0]
-    if not triton_usable(weight):
-        # float32 accumulate, one rounding: the same arithmetic as the kernel
-        w_eff = torch.addmm(weight.float(), lora_B.float(), lora_A.float(), alpha=scale)
+    if not (triton_usable(weight) if use_kernel is None else use_kernel):
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        w_eff = torch.addmm(weight.to(acc), lora_B.to(acc), lora_A.to(acc), alpha=scale)
         return w_eff.to(weight.dtype) if out is None else out.copy_(w_eff)
     if out is None:
         out = torch.empty_like(weight, memory_format=torch.contiguous_format)
