@@ -9,7 +9,7 @@ each run's step time, tokens/s and peak memory with its ratio to the floor of th
 shape and mode (eager or compiled).
 
     PYTHONPATH=src python benchmarks/train_step.py                   # eager, the main shape
-    PYTHONPATH=src python benchmarks/train_step.py --compile         # torch.compile of the whole model
+    PYTHONPATH=src python benchmarks/train_step.py --modes eager,compiled   # also torch.compile of the whole model
     PYTHONPATH=src python benchmarks/train_step.py --shapes 16x512,4x2048 --ranks 16,64
 """
 
@@ -45,7 +45,7 @@ def build(method: str, r: int, dropout: float):
         model.requires_grad_(False)
         model.score.requires_grad_(True)
         model.enable_input_require_grads()
-    elif method == "lorakit":
+    elif method in ("lorakit", "lorakit-traced"):
         import lorakit
 
         lorakit.inject(model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=TARGETS,
@@ -61,6 +61,20 @@ def build(method: str, r: int, dropout: float):
 
 
 def measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: bool, steps: int, warm: int) -> dict:
+    """One run. "lorakit-traced" lets torch.compile trace through lorakit's autograd functions
+    instead of calling its opaque custom ops (the route before the custom ops existed)."""
+    from lorakit.ops import fused
+
+    compiling = fused._compiling
+    if method == "lorakit-traced":
+        fused._compiling = lambda weight: False
+    try:
+        return _measure(method, bs, seq, r, dropout, compiled, steps, warm)
+    finally:
+        fused._compiling = compiling
+
+
+def _measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: bool, steps: int, warm: int) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -99,7 +113,7 @@ def main() -> None:
     parser.add_argument("--dropouts", default="0,0.1")
     parser.add_argument("--shapes", default="16x512")
     parser.add_argument("--ranks", default="16")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the whole model")
+    parser.add_argument("--modes", default="eager", help="eager, compiled (torch.compile of the whole model), or both")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warm", type=int, default=3)
     parser.add_argument("--json", default=None, help="write all rows here")
@@ -109,7 +123,10 @@ def main() -> None:
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} transformers {transformers.__version__}",
           file=sys.stderr)
     rows = []
-    for shape in args.shapes.split(","):
+    modes = args.modes.split(",")
+    if not set(modes) <= {"eager", "compiled"}:
+        parser.error(f"--modes takes eager and/or compiled, found {args.modes!r}")
+    for compiled, shape in [(m == "compiled", s) for m in modes for s in args.shapes.split(",")]:
         bs, seq = map(int, shape.split("x"))
         ranks = [int(r) for r in args.ranks.split(",")]
         for r in ranks:
@@ -118,7 +135,7 @@ def main() -> None:
                     continue  # no adapter: the rank does not change these runs
                 dropouts = [0.0] if method in ("floor", "full") else [float(d) for d in args.dropouts.split(",")]
                 for dropout in dropouts:
-                    row = measure(method, bs, seq, r, dropout, args.compile, args.steps, args.warm)
+                    row = measure(method, bs, seq, r, dropout, compiled, args.steps, args.warm)
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
     if args.json:
@@ -129,18 +146,18 @@ def main() -> None:
 
 def print_table(rows: list[dict]) -> None:
     floors = {(r["bs"], r["seq"], r["compiled"]): r for r in rows if r["method"] == "floor" and "step_ms" in r}
-    print(f"\n{'run':<28} {'shape':>8} {'step ms':>8} {'tok/s':>8} {'peak GiB':>9} {'time/floor':>10} {'mem/floor':>9}")
+    print(f"\n{'run':<38} {'shape':>8} {'step ms':>8} {'tok/s':>8} {'peak GiB':>9} {'time/floor':>10} {'mem/floor':>9}")
     for r in rows:
-        name = f"{r['method']}{' r=%d p=%g' % (r['r'], r['dropout']) if r['method'] in ('lorakit', 'peft') else ''}"
+        name = f"{r['method']}{' r=%d p=%g' % (r['r'], r['dropout']) if r['method'] not in ('floor', 'full') else ''}"
         name += " (compiled)" if r["compiled"] else ""
         shape = f"{r['bs']}x{r['seq']}"
         if r.get("oom"):
-            print(f"{name:<28} {shape:>8} {'OOM':>8}")
+            print(f"{name:<38} {shape:>8} {'OOM':>8}")
             continue
         f = floors.get((r["bs"], r["seq"], r["compiled"]))
         tr = f"{r['step_ms'] / f['step_ms']:.2f}" if f else "-"
         mr = f"{r['peak_gib'] / f['peak_gib']:.2f}" if f else "-"
-        print(f"{name:<28} {shape:>8} {r['step_ms']:>8.1f} {r['tok_s']:>8.0f} {r['peak_gib']:>9.2f} {tr:>10} {mr:>9}")
+        print(f"{name:<38} {shape:>8} {r['step_ms']:>8.1f} {r['tok_s']:>8.0f} {r['peak_gib']:>9.2f} {tr:>10} {mr:>9}")
 
 
 if __name__ == "__main__":

@@ -183,6 +183,118 @@ class GatedDownFunction(torch.autograd.Function):
         return dg, du, None, dw, dbias, d_a, d_b, None, None, None
 
 
+# -- the same two nodes as opaque custom ops, for torch.compile ---------------------------
+#
+# Traced through, the autograd functions above let the compiler's partitioner choose what
+# to keep for backward, and it keeps W_eff and act(g)·u — weight- and MLP-sized tensors the
+# eager path rebuilds instead. As custom ops the compiler keeps exactly what setup_context
+# saves. Eager calls keep using the autograd functions, which dispatch faster.
+
+
+@torch.library.custom_op("lorakit::lora_linear", mutates_args=())
+def _lora_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scale: float,
+                    dropout_p: float, seed: Tensor | None) -> tuple[Tensor, Tensor]:
+    y, h = _forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+    return y.reshape(*x.shape[:-1], y.shape[-1]), h
+
+
+@_lora_linear_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed):
+    tokens = x.numel() // x.shape[-1]
+    return x.new_empty(*x.shape[:-1], weight.shape[0]), x.new_empty(tokens, lora_A.shape[0])
+
+
+@torch.library.custom_op("lorakit::lora_linear_backward", mutates_args=())
+def _lora_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor,
+                             scale: float, dropout_p: float, seed: Tensor | None, need_dx: bool,
+                             need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dbias, dA, dB); dx and dbias are empty when not asked for."""
+    dx, _, dbias, d_a, d_b = _backward(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight, lora_A,
+                                       lora_B, h, scale, dropout_p, seed, (need_dx, False, need_bias, True, True))
+    dx = x.new_empty(0) if dx is None else dx.reshape(x.shape).to(x.dtype)
+    return dx, weight.new_empty(0) if dbias is None else dbias, d_a, d_b
+
+
+@_lora_linear_backward_op.register_fake
+def _(dy, x, weight, lora_A, lora_B, h, scale, dropout_p, seed, need_dx, need_bias):
+    return (x.new_empty(x.shape if need_dx else 0), weight.new_empty(weight.shape[0] if need_bias else 0),
+            torch.empty_like(lora_A), torch.empty_like(lora_B))
+
+
+def _lora_linear_setup(ctx, inputs, output) -> None:
+    x, weight, bias, lora_A, lora_B, scale, dropout_p, seed = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], seed)
+    ctx.scale, ctx.dropout_p, ctx.has_bias = scale, dropout_p, bias is not None
+
+
+def _lora_linear_grad(ctx, dy: Tensor, _dh: Tensor):
+    x, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    dx, dbias, d_a, d_b = _lora_linear_backward_op(dy, x, weight, lora_A, lora_B, h, ctx.scale, ctx.dropout_p, seed,
+                                                   n[0], ctx.has_bias and n[2])
+    return (dx if n[0] else None), None, (dbias if ctx.has_bias and n[2] else None), d_a, d_b, None, None, None
+
+
+_lora_linear_op.register_autograd(_lora_linear_grad, setup_context=_lora_linear_setup)
+
+
+@torch.library.custom_op("lorakit::gated_down", mutates_args=())
+def _gated_down_op(g: Tensor, u: Tensor, act: str, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
+                   lora_B: Tensor, scale: float, dropout_p: float, seed: Tensor | None) -> tuple[Tensor, Tensor]:
+    z = GATED_ACTIVATIONS[act][0](g) * u
+    y, h = _forward(z.reshape(-1, z.shape[-1]), weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+    return y.reshape(*g.shape[:-1], y.shape[-1]), h
+
+
+@_gated_down_op.register_fake
+def _(g, u, act, weight, bias, lora_A, lora_B, scale, dropout_p, seed):
+    tokens = g.numel() // g.shape[-1]
+    return g.new_empty(*g.shape[:-1], weight.shape[0]), g.new_empty(tokens, lora_A.shape[0])
+
+
+@torch.library.custom_op("lorakit::gated_down_backward", mutates_args=())
+def _gated_down_backward_op(dy: Tensor, g: Tensor, u: Tensor, act: str, weight: Tensor, lora_A: Tensor,
+                            lora_B: Tensor, h: Tensor, scale: float, dropout_p: float, seed: Tensor | None,
+                            need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dg, du, dbias, dA, dB); dbias is empty when not asked for."""
+    act_fwd, act_bwd = GATED_ACTIVATIONS[act]
+    act_g = act_fwd(g)
+    z = act_g * u
+    dz, _, dbias, d_a, d_b = _backward(dy.reshape(-1, dy.shape[-1]), z.reshape(-1, z.shape[-1]), weight, lora_A,
+                                       lora_B, h, scale, dropout_p, seed, (True, False, need_bias, True, True))
+    dz = dz.reshape(g.shape).to(g.dtype)
+    return act_bwd(dz * u, g), dz * act_g, weight.new_empty(0) if dbias is None else dbias, d_a, d_b
+
+
+@_gated_down_backward_op.register_fake
+def _(dy, g, u, act, weight, lora_A, lora_B, h, scale, dropout_p, seed, need_bias):
+    return (torch.empty_like(g), torch.empty_like(u), weight.new_empty(weight.shape[0] if need_bias else 0),
+            torch.empty_like(lora_A), torch.empty_like(lora_B))
+
+
+def _gated_down_setup(ctx, inputs, output) -> None:
+    g, u, act, weight, bias, lora_A, lora_B, scale, dropout_p, seed = inputs
+    ctx.save_for_backward(g, u, weight, lora_A, lora_B, output[1], seed)
+    ctx.act, ctx.scale, ctx.dropout_p, ctx.has_bias = act, scale, dropout_p, bias is not None
+
+
+def _gated_down_grad(ctx, dy: Tensor, _dh: Tensor):
+    g, u, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
+    n = ctx.needs_input_grad
+    need_bias = ctx.has_bias and n[4]
+    dg, du, dbias, d_a, d_b = _gated_down_backward_op(dy, g, u, ctx.act, weight, lora_A, lora_B, h, ctx.scale,
+                                                      ctx.dropout_p, seed, need_bias)
+    return dg, du, None, None, (dbias if need_bias else None), d_a, d_b, None, None, None
+
+
+_gated_down_op.register_autograd(_gated_down_grad, setup_context=_gated_down_setup)
+
+
+def _compiling(weight: Tensor) -> bool:
+    """Take the custom-op route: under torch.compile, for a frozen base weight."""
+    return torch.compiler.is_compiling() and not weight.requires_grad
+
+
 def _seed(p: float, seed: int | Tensor | None, device) -> Tensor | None:
     if not p:
         return None
@@ -194,6 +306,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, 
                 seed: int | Tensor | None = None) -> Tensor:
     """The fused path with `reference.lora_linear`'s signature (plus an optional dropout seed)."""
     p = float(dropout_p) if training else 0.0
+    if _compiling(weight):
+        return _lora_linear_op(x, weight, bias, lora_A, lora_B, float(scale), p, _seed(p, seed, x.device))[0]
     return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scale), p, _seed(p, seed, x.device))
 
 
@@ -202,4 +316,6 @@ def gated_down(g: Tensor, u: Tensor, act: str, weight: Tensor, bias: Tensor | No
                seed: int | Tensor | None = None) -> Tensor:
     """down(act(g) ⊙ u) with LoRA on down, storing g and u only; `act` names a GATED_ACTIVATIONS entry."""
     p = float(dropout_p) if training else 0.0
+    if _compiling(weight):
+        return _gated_down_op(g, u, act, weight, bias, lora_A, lora_B, float(scale), p, _seed(p, seed, g.device))[0]
     return GatedDownFunction.apply(g, u, act, weight, bias, lora_A, lora_B, float(scale), p, _seed(p, seed, g.device))
