@@ -24,6 +24,7 @@ from lorakit.inject import (
     unmerge,
 )
 from lorakit.layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from lorakit.route import route
 
 __version__ = "0.1.0"
 
@@ -48,6 +49,7 @@ __all__ = [
     "lora_layers",
     "merge",
     "read_config",
+    "route",
     "save_adapter",
     "set_adapter",
     "unload",

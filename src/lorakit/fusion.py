@@ -40,7 +40,7 @@ def is_gated_mlp(module: nn.Module) -> bool:
 
 def _fused_forward(self: nn.Module, x: Tensor) -> Tensor:
     down = self.down_proj
-    if isinstance(down, LoraLinear) and torch.is_grad_enabled() and not down.fan_in_fan_out:
+    if isinstance(down, LoraLinear) and down.route is None and torch.is_grad_enabled() and not down.fan_in_fan_out:
         active = down.unmerged_active()
         if len(active) == 1 and ops.fast_path_blocker(down.base_layer, x) is None:
             name = active[0]

@@ -11,12 +11,16 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from copy import deepcopy
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lorakit import ops
+
+if TYPE_CHECKING:
+    from lorakit.route import Route
 
 SUPPORTED_TYPES = "nn.Linear, transformers' Conv1D, nn.Embedding and nn.Conv2d"
 
@@ -51,6 +55,9 @@ class LoraLayer(nn.Module):
         # The weight as it was before the first merge, when merging was asked to keep it:
         # unmerge then restores W bit for bit instead of subtracting ΔW in floating point.
         self.register_buffer("original_weight", None, persistent=False)
+        # Set by `lorakit.route` while a mixed batch runs: which adapter each batch row uses.
+        self.route: Route | None = None
+        self._stacks: dict[tuple, tuple] = {}  # padded adapter tables for the mixed-batch kernels
 
     def __getattr__(self, name: str):
         # Code that reads `layer.weight`, `layer.in_features`, ... sees the base layer's.
@@ -124,6 +131,7 @@ class LoraLayer(nn.Module):
             del table[name]
         for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout):
             del table[name]
+        self._stacks.clear()
         self.active_adapters = tuple(a for a in self.active_adapters if a != name)
 
     def set_active(self, names: Iterable[str]) -> None:
@@ -133,6 +141,21 @@ class LoraLayer(nn.Module):
         if self.disabled:
             return []
         return [n for n in self.active_adapters if n not in self.merged_adapters]
+
+    # -- mixed batches ---------------------------------------------------------------------
+
+    def routed_delta(self, x: Tensor, result: Tensor, branch) -> Tensor:
+        """result + each row's adapter branch, one adapter's rows at a time (differentiable).
+
+        `branch(name, x_rows)` gives the LoRA term of adapter `name` for those rows.
+        """
+        if self.disabled:
+            return result
+        route = self.route
+        for name, rows in route.groups(x.shape[0], x.device):
+            if name in self.A_table:
+                result = result.index_add(0, rows, branch(name, x.index_select(0, rows)).to(result.dtype))
+        return result
 
     # -- merging -------------------------------------------------------------------------
 
@@ -185,22 +208,70 @@ class LoraLinear(LoraLayer):
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self.route is not None:
+            return self._routed_forward(x, *args, **kwargs)
         active = self.unmerged_active()
-        if len(active) == 1 and not args and not kwargs and torch.is_grad_enabled():
+        if len(active) == 1 and not args and not kwargs:
+            name = active[0]
+            grad = torch.is_grad_enabled()
             reason = ops.fast_path_blocker(self.base_layer, x)
-            if reason is None:
-                name = active[0]
+            if reason is None and (grad or not (self.training and self.lora_dropout[name])):
                 base = self.base_layer
                 weight = base.weight.T if self.fan_in_fan_out else base.weight  # (out, in)
+                if not grad:
+                    # Conv1D keeps its own GEMM, so a zero adapter leaves its output bit for bit
+                    return ops.lora_linear_inference(x, weight, base.bias, self.A_table[name], self.B_table[name],
+                                                     self.scaling[name], base if self.fan_in_fan_out else None)
                 return ops.fused_lora_linear(x, weight, base.bias, self.A_table[name], self.B_table[name],
                                              self.scaling[name], self.lora_dropout[name], self.training)
-            ops.log_fallback_once(reason)
+            if reason is not None and grad:
+                ops.log_fallback_once(reason)
         result = self.base_layer(x, *args, **kwargs)
         for name in active:
             branch = ops.lora_branch(x, self.A_table[name], self.B_table[name], self.scaling[name],
                                      self.lora_dropout[name], self.training)
             result = result + branch.to(result.dtype)
         return result
+
+    def _routed_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """Each batch row (dim 0 of x) with its own adapter or none."""
+        if self.merged_adapters:
+            raise RuntimeError("a merged model cannot run a mixed batch; unmerge(model) first")
+        names = [n for n in self.route.names if n in self.A_table]
+        differentiable = torch.is_grad_enabled() or (self.training and any(self.lora_dropout[n] for n in names))
+        if differentiable or self.disabled or not names:
+            result = self.base_layer(x, *args, **kwargs)
+            return self.routed_delta(x, result, lambda name, xr: ops.lora_branch(
+                xr, self.A_table[name], self.B_table[name], self.scaling[name], self.lora_dropout[name],
+                self.training))
+        a_stack, b_stack = self.stacked(tuple(names), x.dtype, x.device)
+        rows = x.shape[0]
+        row_adapter = self.route.row_tensor(tuple(names), rows, x.device)
+        x3 = x.reshape(rows, -1, x.shape[-1])  # (rows, seq, in)
+        base = self.base_layer
+        if not args and not kwargs and ops.fast_path_blocker(base, x) is None and base.weight.dtype == x.dtype:
+            weight = base.weight.T if self.fan_in_fan_out else base.weight  # (out, in)
+            y = ops.multi.multi_lora_linear(x3, weight, base.bias, a_stack, b_stack, row_adapter)
+        else:
+            y = base(x, *args, **kwargs).reshape(rows, -1, self.out_features)
+            x2 = x3.reshape(-1, x.shape[-1])
+            h = ops.multi.lora_shrink(x2, a_stack, row_adapter, x3.shape[1])
+            ops.multi.lora_expand_add_(y.view(-1, self.out_features), h, b_stack, row_adapter, x3.shape[1])
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def stacked(self, names: tuple[str, ...], dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(a_stack, b_stack) of `names` for the mixed-batch kernels, rebuilt only when an adapter changed."""
+        params = [t for n in names for t in (self.A_table[n], self.B_table[n])]
+        stamp = tuple((id(t), t._version) for t in params)
+        key = (names, dtype, device)
+        cached = self._stacks.get(key)
+        if cached is None or cached[0] != stamp:
+            with torch.no_grad():
+                a_stack, b_stack, _ = ops.multi.stack_adapters([self.A_table[n] for n in names],
+                                                               [self.B_table[n] for n in names],
+                                                               [self.scaling[n] for n in names], dtype, device)
+            cached = self._stacks[key] = (stamp, a_stack, b_stack)
+        return cached[1], cached[2]
 
 
 class LoraEmbedding(LoraLayer):
@@ -232,13 +303,19 @@ class LoraEmbedding(LoraLayer):
 
     def forward(self, ids: Tensor, *args, **kwargs) -> Tensor:
         result = self.base_layer(ids, *args, **kwargs)
-        base = self.base_layer
+        if self.route is not None:
+            if self.merged_adapters:
+                raise RuntimeError("a merged model cannot run a mixed batch; unmerge(model) first")
+            return self.routed_delta(ids, result, self._branch)
         for name in self.unmerged_active():
-            a, b = self.A_table[name], self.B_table[name]
-            h = F.embedding(ids, a.T, base.padding_idx, base.max_norm, base.norm_type,
-                            base.scale_grad_by_freq, base.sparse)  # (..., r)
-            result = result + (h @ b.T * self.scaling[name]).to(result.dtype)
+            result = result + self._branch(name, ids).to(result.dtype)
         return result
+
+    def _branch(self, name: str, ids: Tensor) -> Tensor:
+        base = self.base_layer
+        h = F.embedding(ids, self.A_table[name].T, base.padding_idx, base.max_norm, base.norm_type,
+                        base.scale_grad_by_freq, base.sparse)  # (..., r)
+        return h @ self.B_table[name].T * self.scaling[name]
 
 
 class LoraConv2d(LoraLayer):
@@ -260,13 +337,19 @@ class LoraConv2d(LoraLayer):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        base = self.base_layer
+        if self.route is not None:
+            if self.merged_adapters:
+                raise RuntimeError("a merged model cannot run a mixed batch; unmerge(model) first")
+            return self.routed_delta(x, result, self._branch)
         for name in self.unmerged_active():
-            branch = ops.lora_conv2d_branch(x, self.A_table[name], self.B_table[name], self.scaling[name],
-                                            base.stride, base.padding, base.dilation,
-                                            self.lora_dropout[name], self.training)
-            result = result + branch.to(result.dtype)
+            result = result + self._branch(name, x).to(result.dtype)
         return result
+
+    def _branch(self, name: str, x: Tensor) -> Tensor:
+        base = self.base_layer
+        return ops.lora_conv2d_branch(x, self.A_table[name], self.B_table[name], self.scaling[name],
+                                      base.stride, base.padding, base.dilation, self.lora_dropout[name],
+                                      self.training)
 
 
 def wrap(module: nn.Module) -> LoraLayer:
@@ -293,6 +376,7 @@ class ModulesToSave(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disabled = False
+        self.route: Route | None = None  # set by `lorakit.route`
 
     def __getattr__(self, name: str):
         try:
@@ -315,4 +399,12 @@ class ModulesToSave(nn.Module):
         self.modules_to_save[name] = copy
 
     def forward(self, *args, **kwargs):
-        return self.current(*args, **kwargs)
+        if self.route is None or self.disabled:
+            return self.current(*args, **kwargs)
+        x, rest = args[0], args[1:]
+        result = self.original_module(x, *rest, **kwargs)
+        for name, rows in self.route.groups(x.shape[0], x.device):
+            if name in self.modules_to_save:
+                out = self.modules_to_save[name](x.index_select(0, rows), *rest, **kwargs)
+                result = result.index_copy(0, rows, out.to(result.dtype))
+        return result

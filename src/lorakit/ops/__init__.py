@@ -15,8 +15,10 @@ import os
 
 from torch import Tensor, nn
 
+from lorakit.ops import multi
 from lorakit.ops.fused import gated_down as fused_gated_down
 from lorakit.ops.fused import lora_linear as fused_lora_linear
+from lorakit.ops.fused import lora_linear_inference
 from lorakit.ops.reference import (
     embedding_delta,
     lora_branch,
@@ -39,7 +41,9 @@ __all__ = [
     "lora_delta",
     "lora_embedding",
     "lora_linear",
+    "lora_linear_inference",
     "merge_weight",
+    "multi",
     "set_fast_path",
 ]
 

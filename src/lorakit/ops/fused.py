@@ -319,3 +319,27 @@ def gated_down(g: Tensor, u: Tensor, act: str, weight: Tensor, bias: Tensor | No
     if _compiling(weight):
         return _gated_down_op(g, u, act, weight, bias, lora_A, lora_B, float(scale), p, _seed(p, seed, g.device))[0]
     return GatedDownFunction.apply(g, u, act, weight, bias, lora_A, lora_B, float(scale), p, _seed(p, seed, g.device))
+
+
+def lora_linear_inference(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                          scale: float, base=None) -> Tensor:
+    """x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ without autograd, with no activation-sized temporary.
+
+    Long inputs (prefill) build W_eff = W + s·B·A and run one GEMM; short ones (decode)
+    run the base GEMM and accumulate the expand into its output in place. The switch is
+    where the bytes moved are equal: 2·in·out for W_eff against T·(in + 2·out) for
+    reading x again and updating y in place. `base` (optional), the base layer, computes
+    the base output instead of F.linear, and always takes the in-place route.
+    """
+    n_out, n_in = weight.shape
+    x2 = x.reshape(-1, n_in)  # (T, in)
+    ct = x2.dtype
+    a, b = lora_A.to(ct), lora_B.to(ct)
+    bias = None if bias is None else bias.to(ct)
+    if base is None and x2.shape[0] * (n_in + 2 * n_out) > 2 * n_in * n_out:
+        w_eff = tk.build_w_eff(weight.to(ct), a, b, scale, use_kernel=_kernels(x2))
+        y = torch.nn.functional.linear(x2, w_eff, bias)
+    else:
+        y = torch.nn.functional.linear(x2, weight.to(ct), bias) if base is None else base(x2)
+        y.addmm_(x2 @ a.T, b.T, alpha=scale)  # (T, out), in place
+    return y.view(*x.shape[:-1], n_out)

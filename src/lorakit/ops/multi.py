@@ -1,0 +1,337 @@
+"""Mixed-adapter LoRA for inference: one forward where each batch row uses its own adapter or none.
+
+The adapters of a layer are stacked into padded tables (`stack_adapters`); each batch row
+names its adapter by index into them, or -1 for the base layer alone. Tokens are row-major:
+row b owns tokens b·seq .. b·seq + seq - 1. The LoRA branch is two kernels, each one launch
+for all adapters with no host sync, and the base GEMM adds onto the second one's output:
+
+    h = lora_shrink(x2, a_stack, row_adapter, seq)              # (T, R) float32: x·Aᵀ
+    E = lora_expand(h, b_stack, row_adapter, seq, bias, dtype)  # (T, out): h·(s·B)ᵀ + bias
+    y = E.addmm_(x2, weight.T)                                  # cuBLAS reads E in its epilogue
+
+The kernels run on CUDA, or on the CPU under TRITON_INTERPRET=1 once
+`fused.use_kernels_on_cpu(True)` is set; elsewhere, and for dtypes or ranks the kernels do
+not take, the `*_torch` functions compute the same. Gradients do not flow through the kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from lorakit.ops import fused
+from lorakit.ops import triton_kernels as tk
+from lorakit.ops.triton_kernels import triton
+
+if triton is not None:
+    import triton.language as tl
+
+SHRINK_BLOCK_K = 128  # `in` columns per shrink step (BLOCK_K)
+EXPAND_BLOCK_N = 128  # output columns per expand program (BLOCK_N)
+MIN_BLOCK_T, MAX_BLOCK_T = 16, 64  # tokens per program: 16 for decode (seq = 1), up to 64 for long rows
+EXPAND_TILE_ELEMENTS = 4096  # caps BLOCK_N·R of the expand's Bᵀ tile: BLOCK_N shrinks for ranks above 32
+SHRINK_STAGES = 4  # pipeline depth of the shrink's `in` loop (on an H100, 4 beat 3 by up to 25% at decode)
+SHRINK_SMEM_BYTES = 80 * 1024  # the shrink's staged x and Aᵀ tiles; BLOCK_K halves until they fit
+NUM_WARPS = 4
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _padded_rank(r: int) -> int:
+    """max(16, the next power of two >= r): the kernels' rank tile."""
+    return max(16, 1 << (r - 1).bit_length())
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def stack_adapters(a_list: Sequence[Tensor], b_list: Sequence[Tensor], scales: Sequence[float],
+                   dtype: torch.dtype, device: torch.device | str) -> tuple[Tensor, Tensor, int]:
+    """Stack N adapters of possibly different ranks into padded tables.
+
+    a_list[i]: (r_i, in), b_list[i]: (out, r_i), scales[i]: float. Returns a_stack (N, R, in),
+    b_stack (N, out, R) with B multiplied by its scale (in float32 or wider, rounded once to `dtype`),
+    and R = max(16, next power of two >= max r_i). Rows and columns beyond r_i are zero, so
+    the padding adds nothing to any product.
+    """
+    n = len(a_list)
+    if n == 0 or len(b_list) != n or len(scales) != n:
+        raise ValueError("expected equal, non-zero numbers of A factors, B factors and scales; "
+                         f"found {len(a_list)}, {len(b_list)} and {len(scales)}")
+    n_in, n_out = a_list[0].shape[-1], b_list[0].shape[0]
+    for i, (a, b) in enumerate(zip(a_list, b_list)):
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] < 1 or a.shape[1] != n_in or b.shape != (n_out, a.shape[0]):
+            raise ValueError(f"adapter {i}: expected A (r, {n_in}) and B ({n_out}, r) with the same r >= 1; "
+                             f"found A {tuple(a.shape)} and B {tuple(b.shape)}")
+    R = _padded_rank(max(a.shape[0] for a in a_list))
+    a_stack = torch.zeros(n, R, n_in, dtype=dtype, device=device)
+    b_stack = torch.zeros(n, n_out, R, dtype=dtype, device=device)
+    for i, (a, b, scale) in enumerate(zip(a_list, b_list, scales)):
+        r = a.shape[0]
+        a_stack[i, :r] = a
+        b_stack[i, :, :r] = b.to(device=device, dtype=_acc_dtype(b.dtype)) * float(scale)
+    return a_stack, b_stack, R
+
+
+def kernels_usable(t: Tensor, rank: int = MIN_BLOCK_T) -> bool:
+    """Whether the kernels take tensors like `t` (the dtype that feeds tl.dot) at padded rank `rank`.
+
+    Like `fused._kernels`: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 while
+    `fused.use_kernels_on_cpu(True)` is on; float16, bfloat16 (CUDA only: the interpreter
+    does not model it) or float32; rank a power of two >= 16.
+    """
+    on_device = t.is_cuda or (fused._KERNELS_ON_CPU and t.dtype != torch.bfloat16)
+    return (tk.triton_usable(t) and on_device and t.dtype in KERNEL_DTYPES
+            and rank >= MIN_BLOCK_T and rank & (rank - 1) == 0)
+
+
+# -- checks --------------------------------------------------------------------------------
+
+
+def _check_tokens(name: str, t: Tensor, row_adapter: Tensor, seq: int) -> None:
+    """t (T, ·) with T = n_rows·seq, and row_adapter (n_rows,) int32 on t's device."""
+    if row_adapter.dim() != 1 or row_adapter.dtype != torch.int32 or row_adapter.device != t.device:
+        raise ValueError(f"row_adapter: expected a 1-D int32 tensor on {t.device}; found shape "
+                         f"{tuple(row_adapter.shape)}, {row_adapter.dtype} on {row_adapter.device}")
+    n_rows = row_adapter.shape[0]
+    if t.dim() != 2 or seq < 1 or t.shape[0] != n_rows * seq:
+        raise ValueError(f"{name}: expected shape (n_rows·seq, ·) = ({n_rows}·{seq}, ·) with seq >= 1; "
+                         f"found {tuple(t.shape)} with seq = {seq}")
+
+
+def _check_table(name: str, table: Tensor, expected: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    """table (N >= 1, ·, ·) matching `expected` where it is not None, in `dtype` on `device`."""
+    ok = (table.dim() == 3 and table.shape[0] >= 1 and table.dtype == dtype and table.device == device
+          and all(e is None or e == s for e, s in zip(expected, table.shape[1:])))
+    if not ok:
+        want = ", ".join("·" if e is None else str(e) for e in expected)
+        raise ValueError(f"{name}: expected shape (N >= 1, {want}), {dtype} on {device}; "
+                         f"found {tuple(table.shape)}, {table.dtype} on {table.device}")
+
+
+def _check_h(h: Tensor, b_stack: Tensor, row_adapter: Tensor, seq: int) -> None:
+    _check_tokens("h", h, row_adapter, seq)
+    if h.dtype != _acc_dtype(b_stack.dtype):
+        raise ValueError(f"h: expected {_acc_dtype(b_stack.dtype)} as lora_shrink returns it for "
+                         f"{b_stack.dtype} tables; found {h.dtype}")
+    _check_table("b_stack", b_stack, (None, h.shape[1]), b_stack.dtype, h.device)
+
+
+# -- torch path: the CPU path and the kernels' cross-check -----------------------------------
+
+
+def lora_shrink_torch(x2: Tensor, a_stack: Tensor, row_adapter: Tensor, seq: int) -> Tensor:
+    """`lora_shrink` in torch: h (T, R) in float32 (float64 for float64 inputs)."""
+    n_rows = row_adapter.shape[0]
+    acc = _acc_dtype(x2.dtype)
+    a = a_stack.index_select(0, row_adapter.clamp_min(0)).to(acc)  # (n_rows, R, in); -1 reads table 0
+    h = torch.bmm(x2.reshape(n_rows, seq, -1).to(acc), a.transpose(1, 2))  # (n_rows, seq, R)
+    h.masked_fill_((row_adapter < 0)[:, None, None], 0.0)
+    return h.reshape(n_rows * seq, -1)
+
+
+def lora_expand_torch(h: Tensor, b_stack: Tensor, row_adapter: Tensor, seq: int, bias: Tensor | None,
+                      out_dtype: torch.dtype) -> Tensor:
+    """`lora_expand` in torch: E (T, out) in out_dtype."""
+    n_rows = row_adapter.shape[0]
+    b = b_stack.index_select(0, row_adapter.clamp_min(0)).to(h.dtype)  # (n_rows, out, R)
+    # h is rounded to B's dtype first, as the kernel feeds it to tl.dot.
+    e = torch.bmm(h.to(b_stack.dtype).to(h.dtype).reshape(n_rows, seq, -1), b.transpose(1, 2))  # (n_rows, seq, out)
+    e.masked_fill_((row_adapter < 0)[:, None, None], 0.0)
+    if bias is not None:
+        e += bias.to(h.dtype)
+    return e.reshape(n_rows * seq, -1).to(out_dtype)
+
+
+def lora_expand_add_torch(y2: Tensor, h: Tensor, b_stack: Tensor, row_adapter: Tensor, seq: int) -> Tensor:
+    """`lora_expand_add_` in torch: y2 (T, out) += h·Bᵀ, rounded once to y2's dtype."""
+    return y2.copy_(y2 + lora_expand_torch(h, b_stack, row_adapter, seq, None, h.dtype))
+
+
+# -- Triton kernels --------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _shrink_kernel(X, A, ROWS, H, seq, n_in, s_x0, s_x1, s_a0, s_a1, s_a2,
+                       R: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+        # H[t, :] = X[t, :]·A[a]ᵀ for BT tokens of one row, a = ROWS[row]; zeros where a = -1.
+        row = tl.program_id(0)
+        rt = tl.program_id(1) * BT + tl.arange(0, BT)  # token within the row
+        tok = row.to(tl.int64) * seq + rt  # (BT,) token index into X and H
+        t_ok = rt < seq
+        rr = tl.arange(0, R)
+        adapter = tl.load(ROWS + row)
+        acc = tl.zeros((BT, R), dtype=tl.float32)
+        if adapter >= 0:
+            a_base = A + adapter.to(tl.int64) * s_a0
+            for k0 in range(0, n_in, BK):
+                rk = k0 + tl.arange(0, BK)
+                k_ok = rk < n_in
+                x = tl.load(X + tok[:, None] * s_x0 + rk[None, :] * s_x1, mask=t_ok[:, None] & k_ok[None, :],
+                            other=0.0)  # (BT, BK)
+                a = tl.load(a_base + rr[None, :] * s_a1 + rk[:, None] * s_a2, mask=k_ok[:, None],
+                            other=0.0)  # (BK, R) = Aᵀ tile
+                if IEEE:
+                    acc += tl.dot(x, a, input_precision="ieee")
+                else:
+                    acc += tl.dot(x, a)
+        tl.store(H + tok[:, None] * R + rr[None, :], acc, mask=t_ok[:, None])
+
+    @triton.jit
+    def _expand_tile(H, B, adapter, tok, t_ok, rn, n_out, s_b0, s_b1, s_b2, R: tl.constexpr, IEEE: tl.constexpr):
+        # (BT, BN) float32 = H[tok, :]·B[adapter][rn, :]ᵀ, with H (T, R) float32 rounded to B's dtype.
+        rr = tl.arange(0, R)
+        h = tl.load(H + tok[:, None] * R + rr[None, :], mask=t_ok[:, None], other=0.0).to(B.dtype.element_ty)
+        b = tl.load(B + adapter.to(tl.int64) * s_b0 + rn[None, :] * s_b1 + rr[:, None] * s_b2,
+                    mask=rn[None, :] < n_out, other=0.0)  # (R, BN) = Bᵀ tile
+        if IEEE:
+            acc = tl.dot(h, b, input_precision="ieee")
+        else:
+            acc = tl.dot(h, b)
+        return acc
+
+    @triton.jit
+    def _expand_kernel(H, B, ROWS, BIAS, OUT, seq, n_out, s_b0, s_b1, s_b2, s_o0, s_o1,
+                       HAS_BIAS: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
+                       IEEE: tl.constexpr):
+        # OUT[t, n] = H[t, :]·B[a][n, :] + BIAS[n] on one (row, token block, column block); BIAS alone where a = -1.
+        row = tl.program_id(0)
+        rt = tl.program_id(1) * BT + tl.arange(0, BT)
+        rn = tl.program_id(2) * BN + tl.arange(0, BN)
+        tok = row.to(tl.int64) * seq + rt
+        t_ok = rt < seq
+        adapter = tl.load(ROWS + row)
+        acc = tl.zeros((BT, BN), dtype=tl.float32)
+        if adapter >= 0:
+            acc = _expand_tile(H, B, adapter, tok, t_ok, rn, n_out, s_b0, s_b1, s_b2, R, IEEE)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + rn, mask=rn < n_out, other=0.0).to(tl.float32)[None, :]
+        tl.store(OUT + tok[:, None] * s_o0 + rn[None, :] * s_o1, acc.to(OUT.dtype.element_ty),
+                 mask=t_ok[:, None] & (rn[None, :] < n_out))
+
+    @triton.jit
+    def _expand_add_kernel(H, B, ROWS, Y, seq, n_out, s_b0, s_b1, s_b2, s_y0, s_y1,
+                           R: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+        # Y[t, n] += H[t, :]·B[a][n, :] on one (row, token block, column block); nothing where a = -1.
+        row = tl.program_id(0)
+        rt = tl.program_id(1) * BT + tl.arange(0, BT)
+        rn = tl.program_id(2) * BN + tl.arange(0, BN)
+        tok = row.to(tl.int64) * seq + rt
+        t_ok = rt < seq
+        adapter = tl.load(ROWS + row)
+        if adapter >= 0:
+            ok = t_ok[:, None] & (rn[None, :] < n_out)
+            ptr = Y + tok[:, None] * s_y0 + rn[None, :] * s_y1
+            acc = _expand_tile(H, B, adapter, tok, t_ok, rn, n_out, s_b0, s_b1, s_b2, R, IEEE)
+            acc += tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
+            tl.store(ptr, acc.to(Y.dtype.element_ty), mask=ok)
+
+
+def _block_t(seq: int) -> int:
+    return min(MAX_BLOCK_T, max(MIN_BLOCK_T, 1 << (seq - 1).bit_length()))
+
+
+def _shrink_block_k(bt: int, R: int, elem_bytes: int) -> int:
+    """The largest BLOCK_K <= SHRINK_BLOCK_K (and >= 16) whose SHRINK_STAGES x and Aᵀ tiles fit SHRINK_SMEM_BYTES."""
+    bk = SHRINK_BLOCK_K
+    while bk > 16 and (bt + R) * bk * elem_bytes * SHRINK_STAGES > SHRINK_SMEM_BYTES:
+        bk //= 2
+    return bk
+
+
+def _expand_grid(n_rows: int, seq: int, n_out: int, R: int) -> tuple[tuple[int, int, int], int, int]:
+    bt, bn = _block_t(seq), min(EXPAND_BLOCK_N, max(16, EXPAND_TILE_ELEMENTS // R))
+    return (n_rows, triton.cdiv(seq, bt), triton.cdiv(n_out, bn)), bt, bn
+
+
+# -- the ops ---------------------------------------------------------------------------------
+
+
+def lora_shrink(x2: Tensor, a_stack: Tensor, row_adapter: Tensor, seq: int) -> Tensor:
+    """h (T, R) float32: h[t] = x2[t]·a_stack[row_adapter[t // seq]]ᵀ, zero where row_adapter is -1.
+
+    x2 (T, in) with T = n_rows·seq (row b owns tokens b·seq .. b·seq + seq - 1); a_stack
+    (N, R, in) in x2's dtype; row_adapter (n_rows,) int32 on x2's device, values in [-1, N)
+    (not checked: that would need a host sync). float64 inputs give a float64 h.
+    """
+    _check_tokens("x2", x2, row_adapter, seq)
+    _check_table("a_stack", a_stack, (None, x2.shape[1]), x2.dtype, x2.device)
+    R = a_stack.shape[1]
+    if not kernels_usable(x2, R):
+        return lora_shrink_torch(x2, a_stack, row_adapter, seq)
+    h = torch.empty(x2.shape[0], R, dtype=torch.float32, device=x2.device)
+    if h.numel():
+        bt = _block_t(seq)
+        bk = _shrink_block_k(bt, R, x2.element_size())
+        _shrink_kernel[(row_adapter.shape[0], triton.cdiv(seq, bt))](
+            x2, a_stack, row_adapter, h, seq, x2.shape[1], x2.stride(0), x2.stride(1), a_stack.stride(0),
+            a_stack.stride(1), a_stack.stride(2), R=R, BT=bt, BK=bk, IEEE=x2.dtype == torch.float32,
+            num_warps=NUM_WARPS, num_stages=SHRINK_STAGES)
+    return h
+
+
+def lora_expand(h: Tensor, b_stack: Tensor, row_adapter: Tensor, seq: int, bias: Tensor | None,
+                out_dtype: torch.dtype) -> Tensor:
+    """E (T, out) in out_dtype: E[t] = h[t]·b_stack[a]ᵀ + bias with a = row_adapter[t // seq].
+
+    Rows whose adapter is -1 get the bias alone (zeros if bias is None). h (T, R) as
+    `lora_shrink` returns it; b_stack (N, out, R), already scaled; bias (out,) or None.
+    """
+    _check_h(h, b_stack, row_adapter, seq)
+    n_out, R = b_stack.shape[1], b_stack.shape[2]
+    if bias is not None and (bias.shape != (n_out,) or bias.device != h.device):
+        raise ValueError(f"bias: expected shape ({n_out},) on {h.device}; found {tuple(bias.shape)} on {bias.device}")
+    if not kernels_usable(b_stack, R):
+        return lora_expand_torch(h, b_stack, row_adapter, seq, bias, out_dtype)
+    out = torch.empty(h.shape[0], n_out, dtype=out_dtype, device=h.device)
+    if out.numel():
+        grid, bt, bn = _expand_grid(row_adapter.shape[0], seq, n_out, R)
+        _expand_kernel[grid](
+            h, b_stack, row_adapter, out if bias is None else bias, out, seq, n_out, b_stack.stride(0),
+            b_stack.stride(1), b_stack.stride(2), out.stride(0), out.stride(1), HAS_BIAS=bias is not None,
+            R=R, BT=bt, BN=bn, IEEE=b_stack.dtype == torch.float32, num_warps=NUM_WARPS)
+    return out
+
+
+def lora_expand_add_(y2: Tensor, h: Tensor, b_stack: Tensor, row_adapter: Tensor, seq: int) -> Tensor:
+    """In place: y2[t] += h[t]·b_stack[a]ᵀ for tokens whose row has an adapter; returns y2 (T, out)."""
+    _check_h(h, b_stack, row_adapter, seq)
+    n_out, R = b_stack.shape[1], b_stack.shape[2]
+    if y2.shape != (h.shape[0], n_out) or y2.device != h.device:
+        raise ValueError(f"y2: expected shape ({h.shape[0]}, {n_out}) on {h.device}; "
+                         f"found {tuple(y2.shape)} on {y2.device}")
+    if not kernels_usable(b_stack, R):
+        return lora_expand_add_torch(y2, h, b_stack, row_adapter, seq)
+    if y2.numel():
+        grid, bt, bn = _expand_grid(row_adapter.shape[0], seq, n_out, R)
+        _expand_add_kernel[grid](
+            h, b_stack, row_adapter, y2, seq, n_out, b_stack.stride(0), b_stack.stride(1), b_stack.stride(2),
+            y2.stride(0), y2.stride(1), R=R, BT=bt, BN=bn, IEEE=b_stack.dtype == torch.float32,
+            num_warps=NUM_WARPS)
+    return y2
+
+
+def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a_stack: Tensor, b_stack: Tensor,
+                      row_adapter: Tensor) -> Tensor:
+    """y = x·Wᵀ + bias + x·A[a]ᵀ·B[a]ᵀ, a = row_adapter[row] (no LoRA term where a = -1).
+
+    x (n_rows, seq, in) or (n_rows, in) (seq = 1); weight (out, in) in x's dtype; a_stack
+    (N, R, in) and b_stack (N, out, R) from `stack_adapters`; row_adapter (n_rows,) int32.
+    Returns (n_rows, seq, out) or (n_rows, out) in x's dtype. The base GEMM adds into the
+    expand kernel's output in place, so y costs no copy beyond it.
+    """
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x: expected (n_rows, seq, in) or (n_rows, in); found shape {tuple(x.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1] or weight.dtype != x.dtype:
+        raise ValueError(f"weight: expected shape (out, {x.shape[-1]}) in {x.dtype}; "
+                         f"found {tuple(weight.shape)} in {weight.dtype}")
+    n_out, n_in = weight.shape
+    _check_table("b_stack", b_stack, (n_out, None), x.dtype, x.device)
+    seq = 1 if x.dim() == 2 else x.shape[1]
+    x2 = x.reshape(-1, n_in)  # (T, in)
+    h = lora_shrink(x2, a_stack, row_adapter, seq)  # (T, R) float32
+    e = lora_expand(h, b_stack, row_adapter, seq, bias, x.dtype)  # (T, out)
+    return e.addmm_(x2, weight.T).view(*x.shape[:-1], n_out)

@@ -1,0 +1,95 @@
+"""Mixed batches: each row of a batch runs with its own adapter, or with none.
+
+    with lorakit.route(model, ["support", "legal", None, "support"]):
+        logits = model(input_ids=ids).logits              # row 2 sees the base model alone
+        out = model.generate(input_ids=ids, max_new_tokens=32)
+
+Every adapter named must be loaded in the model. While the context is open, each LoRA
+layer (and each module trained with an adapter, such as a classification head) applies
+to each batch row the adapter named for it; nothing else about the model changes, so a
+transformers model's `forward` and `generate` work as they are. A batch whose row count
+is a multiple k of the names (`generate` with `num_return_sequences` or beams repeats
+each row k times) gives each repeated row its source row's adapter.
+
+Without gradients, linear layers run the mixed-batch kernels of `ops.multi`: one launch
+for all adapters, on stacked copies of the adapters (cached per layer, rebuilt when an
+adapter changes). With gradients, or dropout in training mode, the plain per-adapter
+path runs instead and is differentiable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from lorakit.inject import _saved_modules, _state, list_adapters, lora_layers
+
+
+class Route:
+    """The adapter of each batch row, with per-device index tensors built once per batch shape."""
+
+    def __init__(self, names: Sequence[str | None]) -> None:
+        self.rows = tuple(names)
+        self.names = tuple(dict.fromkeys(n for n in names if n is not None))  # distinct, in order
+        self._tensors: dict[tuple, Tensor] = {}
+
+    def per_row(self, n_rows: int) -> tuple[str | None, ...]:
+        """The adapter of each of a batch's `n_rows` rows."""
+        k, rem = divmod(n_rows, len(self.rows))
+        if rem or not k:
+            raise ValueError(f"lorakit.route names {len(self.rows)} rows (or a multiple of them), "
+                             f"but the batch has {n_rows} rows")
+        return tuple(n for n in self.rows for _ in range(k))
+
+    def row_tensor(self, names: tuple[str, ...], n_rows: int, device: torch.device) -> Tensor:
+        """(n_rows,) int32: each row's index into `names`, or -1."""
+        key = ("index", names, n_rows, device)
+        if key not in self._tensors:
+            index = {n: i for i, n in enumerate(names)}
+            rows = [index.get(n, -1) for n in self.per_row(n_rows)]
+            self._tensors[key] = torch.tensor(rows, dtype=torch.int32, device=device)
+        return self._tensors[key]
+
+    def groups(self, n_rows: int, device: torch.device) -> Iterator[tuple[str, Tensor]]:
+        """(adapter, the rows that use it as a long tensor) for each adapter in the batch."""
+        for name in self.names:
+            key = ("rows", name, n_rows, device)
+            if key not in self._tensors:
+                rows = [i for i, n in enumerate(self.per_row(n_rows)) if n == name]
+                self._tensors[key] = torch.tensor(rows, dtype=torch.long, device=device)
+            if self._tensors[key].numel():
+                yield name, self._tensors[key]
+
+
+def _routable(model: nn.Module) -> list[nn.Module]:
+    return [layer for _, layer in lora_layers(model)] + [holder for _, holder in _saved_modules(model)]
+
+
+@contextmanager
+def route(model: nn.Module, adapters: Sequence[str | None]):
+    """Run batches in which row i uses adapter `adapters[i]` (None: no adapter) inside this context."""
+    _state(model)  # raises if the model has no adapters
+    if isinstance(adapters, str) or not len(adapters):
+        raise ValueError(f"lorakit.route takes a list with one adapter name (or None) per batch row; "
+                         f"found {adapters!r}")
+    known = list_adapters(model)
+    unknown = sorted({n for n in adapters if n is not None and n not in known})
+    if unknown:
+        raise ValueError(f"no adapter named {unknown}; the model has {known}")
+    layers = _routable(model)
+    if any(getattr(m, "merged_adapters", None) for m in layers):
+        raise RuntimeError("the model has merged adapters, which apply to every row; "
+                           "unmerge(model) before running a mixed batch")
+    if any(m.route is not None for m in layers):
+        raise RuntimeError("lorakit.route is already open on this model; contexts do not nest")
+    r = Route(adapters)
+    for m in layers:
+        m.route = r
+    try:
+        yield r
+    finally:
+        for m in layers:
+            m.route = None
