@@ -45,7 +45,7 @@ def build(method: str, r: int, dropout: float):
         model.requires_grad_(False)
         model.score.requires_grad_(True)
         model.enable_input_require_grads()
-    elif method in ("lorakit", "lorakit-traced"):
+    elif method in ("lorakit", "lorakit-opaque"):
         import lorakit
 
         lorakit.inject(model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=TARGETS,
@@ -61,17 +61,16 @@ def build(method: str, r: int, dropout: float):
 
 
 def measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: bool, steps: int, warm: int) -> dict:
-    """One run. "lorakit-traced" lets torch.compile trace through lorakit's autograd functions
-    instead of calling its opaque custom ops (the route before the custom ops existed)."""
+    """One run. "lorakit-opaque" has torch.compile call lorakit's nodes as opaque custom ops
+    (fused.COMPILE_AS_CUSTOM_OPS) instead of tracing through them."""
     from lorakit.ops import fused
 
-    compiling = fused._compiling
-    if method == "lorakit-traced":
-        fused._compiling = lambda weight: False
+    default = fused.COMPILE_AS_CUSTOM_OPS
+    fused.COMPILE_AS_CUSTOM_OPS = method == "lorakit-opaque"
     try:
         return _measure(method, bs, seq, r, dropout, compiled, steps, warm)
     finally:
-        fused._compiling = compiling
+        fused.COMPILE_AS_CUSTOM_OPS = default
 
 
 def _measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: bool, steps: int, warm: int) -> dict:
@@ -138,9 +137,9 @@ def main() -> None:
                     row = measure(method, bs, seq, r, dropout, compiled, args.steps, args.warm)
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+                    if args.json:  # written after every run, so a cut-off run keeps its rows
+                        with open(args.json, "w") as f:
+                            json.dump(rows, f, indent=1)
     print_table(rows)
 
 

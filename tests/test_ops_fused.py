@@ -259,8 +259,10 @@ def test_custom_ops_pass_opcheck(p, bias):
 
 
 @pytest.mark.parametrize("p", [0.0, 0.25])
-def test_compiled_model_takes_the_custom_ops_and_matches_eager(p):
+@pytest.mark.parametrize("custom_ops", [True, False], ids=["custom-ops", "traced"])
+def test_compiled_model_matches_eager(p, custom_ops, monkeypatch):
     """aot_eager runs the compiler's autograd partitioning without a C++ toolchain."""
+    monkeypatch.setattr(fused, "COMPILE_AS_CUSTOM_OPS", custom_ops)
     model = lorakit.inject(tiny_llama_causal(), lorakit.LoraConfig(r=4, target_modules=LLAMA_TARGETS, lora_dropout=p,
                                                                    init_lora_weights=False)).train()
     ids = input_ids()
@@ -283,7 +285,7 @@ def test_compiled_model_takes_the_custom_ops_and_matches_eager(p):
     finally:
         fused._lora_linear_op = real
     got = torch.autograd.grad(loss_c, params)
-    assert calls, "the compiled model did not take the custom-op route"
+    assert bool(calls) == custom_ops, "the compiled model did not take the route asked for"
     assert rel(loss_c.detach(), loss.detach()) < 1e-6
     for g1, g2 in zip(got, want):
         assert rel(g1, g2) < 1e-5

@@ -13,9 +13,13 @@ def rel(a, b):
     return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
 
 
-@pytest.fixture(params=["torch", "kernels"])
-def kernels(request):
-    """Run the mixed-batch ops through their torch path and through the Triton kernels (interpreted on a CPU)."""
+@pytest.fixture(params=["dense", "torch", "kernels"])
+def kernels(request, monkeypatch):
+    """Each mixed-batch route: the dense few-token path (the tests' inputs are small), and with that
+    turned off the shrink/expand ops through their torch path and through the Triton kernels
+    (interpreted on a CPU)."""
+    if request.param != "dense":
+        monkeypatch.setattr(ops.multi, "DENSE_MAX_TOKENS", 0)
     fused.use_kernels_on_cpu(request.param == "kernels")
     yield request.param
     fused.use_kernels_on_cpu(False)
@@ -211,3 +215,20 @@ def test_model_inference_takes_the_inference_path(monkeypatch):
     finally:
         ops.set_fast_path(True)
     assert len(calls) == 14 and rel(fast, slow) < 1e-5
+
+
+def test_inference_under_autocast_matches_the_reference_path():
+    model = with_adapters(tiny_llama_causal(), LLAMA_TARGETS)
+    lorakit.set_adapter(model, "b")
+    ids = input_ids(batch=3, seq=5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        single = model(input_ids=ids).logits
+        with lorakit.route(model, ["a", None, "c"]):
+            mixed = model(input_ids=ids).logits
+        ops.set_fast_path(False)
+        try:
+            want = model(input_ids=ids).logits
+        finally:
+            ops.set_fast_path(True)
+    assert torch.equal(single, want)
+    assert mixed.dtype == want.dtype

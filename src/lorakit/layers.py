@@ -215,6 +215,8 @@ class LoraLinear(LoraLayer):
             name = active[0]
             grad = torch.is_grad_enabled()
             reason = ops.fast_path_blocker(self.base_layer, x)
+            if reason is None and not grad and torch.is_autocast_enabled(x.device.type):
+                reason = "autocast is on (the inference path runs in the input's dtype)"
             if reason is None and (grad or not (self.training and self.lora_dropout[name])):
                 base = self.base_layer
                 weight = base.weight.T if self.fan_in_fan_out else base.weight  # (out, in)
@@ -237,41 +239,56 @@ class LoraLinear(LoraLayer):
         """Each batch row (dim 0 of x) with its own adapter or none."""
         if self.merged_adapters:
             raise RuntimeError("a merged model cannot run a mixed batch; unmerge(model) first")
-        names = [n for n in self.route.names if n in self.A_table]
+        route = self.route
+        names = [n for n in route.names if n in self.A_table]
         differentiable = torch.is_grad_enabled() or (self.training and any(self.lora_dropout[n] for n in names))
-        if differentiable or self.disabled or not names:
+        if differentiable or self.disabled or not names or torch.is_autocast_enabled(x.device.type):
             result = self.base_layer(x, *args, **kwargs)
             return self.routed_delta(x, result, lambda name, xr: ops.lora_branch(
                 xr, self.A_table[name], self.B_table[name], self.scaling[name], self.lora_dropout[name],
                 self.training))
-        a_stack, b_stack = self.stacked(tuple(names), x.dtype, x.device)
-        rows = x.shape[0]
-        row_adapter = self.route.row_tensor(tuple(names), rows, x.device)
-        x3 = x.reshape(rows, -1, x.shape[-1])  # (rows, seq, in)
+        a_stack, b_stack = self.stacked(route, tuple(names), x.dtype, x.device)
+        rows, n_in, n_out = x.shape[0], x.shape[-1], self.out_features
+        row_adapter = route.row_tensor(tuple(names), rows, x.device)
+        x3 = x.reshape(rows, -1, n_in)  # (rows, seq, in)
+        x2, seq = x3.reshape(-1, n_in), x3.shape[1]
         base = self.base_layer
-        if not args and not kwargs and ops.fast_path_blocker(base, x) is None and base.weight.dtype == x.dtype:
-            weight = base.weight.T if self.fan_in_fan_out else base.weight  # (out, in)
+        plain = not args and not kwargs and ops.fast_path_blocker(base, x) is None and base.weight.dtype == x.dtype
+        weight = base.weight.T if self.fan_in_fan_out else base.weight  # (out, in)
+        if x2.shape[0] <= ops.multi.DENSE_MAX_TOKENS:
+            y2 = F.linear(x2, weight, base.bias) if plain else base(x, *args, **kwargs).reshape(-1, n_out)
+            n, r = a_stack.shape[:2]
+            mask = route.cached(("mask", tuple(names), rows, seq, r, x.dtype, x.device),
+                                lambda: ops.multi.dense_row_mask(row_adapter, seq, n, r, x.dtype))
+            a_cat, b_cat = self.stacked(route, tuple(names), x.dtype, x.device, dense=True)
+            y = ops.multi.dense_expand_add_(y2, x2, a_cat, b_cat, mask)
+        elif plain:
             y = ops.multi.multi_lora_linear(x3, weight, base.bias, a_stack, b_stack, row_adapter)
         else:
-            y = base(x, *args, **kwargs).reshape(rows, -1, self.out_features)
-            x2 = x3.reshape(-1, x.shape[-1])
-            h = ops.multi.lora_shrink(x2, a_stack, row_adapter, x3.shape[1])
-            ops.multi.lora_expand_add_(y.view(-1, self.out_features), h, b_stack, row_adapter, x3.shape[1])
-        return y.reshape(*x.shape[:-1], self.out_features)
+            y = base(x, *args, **kwargs).reshape(-1, n_out)
+            h = ops.multi.lora_shrink(x2, a_stack, row_adapter, seq)
+            ops.multi.lora_expand_add_(y, h, b_stack, row_adapter, seq)
+        return y.reshape(*x.shape[:-1], n_out)
 
-    def stacked(self, names: tuple[str, ...], dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-        """(a_stack, b_stack) of `names` for the mixed-batch kernels, rebuilt only when an adapter changed."""
-        params = [t for n in names for t in (self.A_table[n], self.B_table[n])]
-        stamp = tuple((id(t), t._version) for t in params)
+    def stacked(self, route: Route, names: tuple[str, ...], dtype: torch.dtype, device: torch.device,
+                dense: bool = False) -> tuple[Tensor, Tensor]:
+        """The padded tables of `names` for the mixed-batch ops: (a_stack, b_stack), or with `dense`
+        (a_cat, b_cat). Taken once per route context, rebuilt only when an adapter changed."""
         key = (names, dtype, device)
-        cached = self._stacks.get(key)
-        if cached is None or cached[0] != stamp:
-            with torch.no_grad():
-                a_stack, b_stack, _ = ops.multi.stack_adapters([self.A_table[n] for n in names],
-                                                               [self.B_table[n] for n in names],
-                                                               [self.scaling[n] for n in names], dtype, device)
-            cached = self._stacks[key] = (stamp, a_stack, b_stack)
-        return cached[1], cached[2]
+        held = self._stacks.get(key)
+        if held is None or held[0] is not route:
+            params = [t for n in names for t in (self.A_table[n], self.B_table[n])]
+            stamp = tuple((id(t), t._version) for t in params)
+            if held is None or held[1] != stamp:
+                with torch.no_grad():
+                    a_stack, b_stack, _ = ops.multi.stack_adapters([self.A_table[n] for n in names],
+                                                                   [self.B_table[n] for n in names],
+                                                                   [self.scaling[n] for n in names], dtype, device)
+                    held = (route, stamp, (a_stack, b_stack), ops.multi.dense_tables(a_stack, b_stack))
+            else:
+                held = (route, *held[1:])
+            self._stacks[key] = held
+        return held[3] if dense else held[2]
 
 
 class LoraEmbedding(LoraLayer):

@@ -17,6 +17,8 @@ Same signature as `reference.lora_linear`; tested against it.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -185,10 +187,14 @@ class GatedDownFunction(torch.autograd.Function):
 
 # -- the same two nodes as opaque custom ops, for torch.compile ---------------------------
 #
-# Traced through, the autograd functions above let the compiler's partitioner choose what
-# to keep for backward, and it keeps W_eff and act(g)·u — weight- and MLP-sized tensors the
-# eager path rebuilds instead. As custom ops the compiler keeps exactly what setup_context
-# saves. Eager calls keep using the autograd functions, which dispatch faster.
+# Traced through (the default), the autograd functions above let the compiler's partitioner
+# choose what to keep for backward, and it keeps W_eff and act(g)·u — weight- and MLP-sized
+# tensors the eager path rebuilds instead. As custom ops the compiler keeps exactly what
+# setup_context saves: on an H100 (Llama-3.2-1B shape, 16 × 512) peak memory fell from 1.30×
+# to 1.14× the compiled floor, but the step went from 1.24× to 1.45× (benchmarks/RESULTS.md),
+# so the custom ops are opt-in: set COMPILE_AS_CUSTOM_OPS = True (or LORAKIT_COMPILE_CUSTOM_OPS=1)
+# to trade time for memory. Eager calls always use the autograd functions.
+COMPILE_AS_CUSTOM_OPS = os.environ.get("LORAKIT_COMPILE_CUSTOM_OPS", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 @torch.library.custom_op("lorakit::lora_linear", mutates_args=())
@@ -291,8 +297,8 @@ _gated_down_op.register_autograd(_gated_down_grad, setup_context=_gated_down_set
 
 
 def _compiling(weight: Tensor) -> bool:
-    """Take the custom-op route: under torch.compile, for a frozen base weight."""
-    return torch.compiler.is_compiling() and not weight.requires_grad
+    """Take the custom-op route: when asked for, under torch.compile, for a frozen base weight."""
+    return COMPILE_AS_CUSTOM_OPS and torch.compiler.is_compiling() and not weight.requires_grad
 
 
 def _seed(p: float, seed: int | Tensor | None, device) -> Tensor | None:
