@@ -11,10 +11,13 @@ transformers model's `forward` and `generate` work as they are. A batch whose ro
 is a multiple k of the names (`generate` with `num_return_sequences` or beams repeats
 each row k times) gives each repeated row its source row's adapter.
 
-Without gradients, linear layers run the mixed-batch kernels of `ops.multi`: one launch
-for all adapters, on stacked copies of the adapters (cached per layer, rebuilt when an
-adapter changes). With gradients, or dropout in training mode, the plain per-adapter
-path runs instead and is differentiable.
+Without gradients, linear layers run `ops.multi` on stacked copies of the adapters: the
+Triton shrink/expand kernels (one launch each for all adapters) for prefill-sized inputs,
+and three library calls over all adapters at once for a few tokens (decode). The copies
+are taken when a layer first runs inside a context and kept for later contexts until an
+adapter changes; a change to an adapter's weights made inside an open context is seen
+from the next context on. With gradients, or dropout in training mode, the plain
+per-adapter path runs instead and is differentiable.
 """
 
 from __future__ import annotations
@@ -51,6 +54,12 @@ class Route:
             index = {n: i for i, n in enumerate(names)}
             rows = [index.get(n, -1) for n in self.per_row(n_rows)]
             self._tensors[key] = torch.tensor(rows, dtype=torch.int32, device=device)
+        return self._tensors[key]
+
+    def cached(self, key: tuple, make) -> Tensor:
+        """A tensor built once per route context by `make()` and shared by every layer asking with `key`."""
+        if key not in self._tensors:
+            self._tensors[key] = make()
         return self._tensors[key]
 
     def groups(self, n_rows: int, device: torch.device) -> Iterator[tuple[str, Tensor]]:
