@@ -96,14 +96,25 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", *,
+                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the adapter as `adapter_config.json` + `adapter_model.safetensors` (PEFT's format).
 
-    Each file is written to a temporary name and renamed, so an interrupted save never
-    leaves a half-written file under the final name. Returns the directory.
+    `tensors` (PEFT's keys, as adapter_state_dict gives them) are written instead of the
+    model's own when given: the full tensors gathered from a model whose parameters are
+    FSDP2 shards. Each file is written to a temporary name and renamed, so an
+    interrupted save never leaves a half-written file under the final name. Returns the
+    directory.
     """
     check_adapter_name(adapter_name)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model, adapter_name).items()}
+    own = adapter_state_dict(model, adapter_name)
+    if tensors is None:
+        tensors = own
+    elif tensors.keys() != own.keys():
+        differ = sorted(tensors.keys() ^ own.keys())
+        raise ValueError(f"the tensors to save do not match adapter {adapter_name!r}'s keys: "
+                         f"{len(differ)} differ, e.g. {differ[:3]}")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     config = _state(model).configs[adapter_name]
     data = config.to_dict()
     data["modules_to_save"] = list(effective_modules_to_save(config)) or None

@@ -3,6 +3,7 @@
     lorakit train                                   # the bundled spam/ham run, offline, on a CPU
     lorakit train --recipe imdb-llama-3.2-1b --method full
     lorakit train --resume runs/default-20250101-120000
+    lorakit train --recipe imdb-llama-3.2-1b --nproc 2    # 2 processes (GPUs) under torchrun
     lorakit eval RUN_DIR --data emails.jsonl
     lorakit merge RUN_DIR merged-model/
 
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit import data, train
+from lorakit import data, distributed, train
 from lorakit.train import TrainConfig
 
 try:
@@ -63,8 +64,14 @@ FIELD_HELP = {
     "checkpoint_every": "write a checkpoint every N steps (and at the end)",
     "precision": "auto (bf16 autocast where the GPU or CPU has bf16 units, else fp32), fp32 or bf16",
     "threads": "CPU threads (default: the cores available)",
+    "strategy": "under torchrun: ddp (a model copy per process), fsdp (FSDP2: weights sharded across processes) "
+                "or auto (fsdp when the model does not fit one GPU)",
     "out": "run directory (default runs/<recipe>-<timestamp>)",
 }
+
+# Second spellings. torchrun's own parser reads `--r`, even after `-m lorakit`, as an
+# ambiguous abbreviation of its options; under torchrun the rank is given as --lora-r.
+ALIASES = {"r": "--lora-r"}
 
 
 # -- settings from recipes and the command line ------------------------------------------
@@ -148,6 +155,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"TOML recipe: a path, or one of {recipe_names()} (default: default)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue an interrupted run from its last checkpoint, with its saved config")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train with N processes on this machine (one per GPU) under torchrun; "
+                        "the batch size stays the global batch")
     group = p.add_argument_group("settings (each overrides the recipe)")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -157,14 +167,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         text = FIELD_HELP.get(f.name, "")
         default = f"default {f.default!r} unless the recipe says otherwise"
+        flags = [flag, ALIASES[f.name]] if f.name in ALIASES else [flag]
         if kind is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                help=f"{text} ({default})".strip())
         else:
             text_kind = str(kind)
             metavar = ("A,B,..." if "list" in text_kind else "N" if "int" in text_kind
                        else "X" if "float" in text_kind else f.name.upper())
-            group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
+            group.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar=metavar,
                                help=f"{text} ({default})".strip())
 
 
@@ -182,10 +193,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.recipe or given:
             raise ValueError("--resume continues a run with the config it saved; give no --recipe or settings with it"
                              + (f" (got {', '.join(given)})" if given else ""))
-        train.run(TrainConfig(), resume=args.resume)
-        return 0
-    train.run(config_from_args(args))
+    config = TrainConfig() if args.resume else config_from_args(args)  # bad settings fail before --nproc starts any
+    if args.nproc is not None:
+        distributed.relaunch(args.nproc, train_argv(args))
+    train.run(config, resume=args.resume)
     return 0
+
+
+def train_argv(args: argparse.Namespace) -> list[str]:
+    """The `lorakit train` arguments that `args` were parsed from, less --nproc, spelled for torchrun."""
+    argv = ["train"]
+    for name in ("recipe", "resume"):
+        if getattr(args, name):
+            argv += [f"--{name}", getattr(args, name)]
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in vars(args) and f.name != "recipe":
+            flag, value = ALIASES.get(f.name, "--" + f.name.replace("_", "-")), getattr(args, f.name)
+            argv += ([flag] if value else ["--no-" + flag[2:]]) if isinstance(value, bool) else [flag, value]
+    return argv
 
 
 def load_run(run_dir: str | Path) -> tuple[nn.Module, Any, TrainConfig]:

@@ -2,7 +2,8 @@
 
 `run(config)` is the whole training run, top to bottom: read the data, load the
 model, apply the method, then one loop of optimizer steps with evaluation, logging
-and checkpoints. Everything a run produces goes in one directory:
+and checkpoints. Under torchrun every process runs it, data-parallel (see
+lorakit.distributed). Everything a run produces goes in one directory:
 
     adapter/            the LoRA adapter in PEFT's format (model/ for full and freeze-first:N)
     checkpoints/        the latest complete checkpoint, to --resume from
@@ -41,7 +42,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import lorakit
-from lorakit import data
+from lorakit import data, distributed
 
 TASKS = ("seq-cls", "causal-lm")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -102,6 +103,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast where the GPU or CPU has bf16 units), fp32 or bf16
     threads: int | None = None  # CPU threads; default: the cores this process may use
     gradient_checkpointing: bool = False
+    strategy: str = "auto"  # under torchrun: ddp, fsdp (FSDP2) or auto (fsdp when the model does not fit one GPU)
     out: str | None = None  # default runs/<recipe>-<timestamp>
 
 
@@ -133,6 +135,8 @@ def check_config(c: TrainConfig, source: str) -> None:
         problems.append(f"schedule must be one of {SCHEDULES}, got {c.schedule!r}")
     if c.precision not in ("auto", "fp32", "bf16"):
         problems.append(f"precision must be auto, fp32 or bf16, got {c.precision!r}")
+    if c.strategy not in distributed.STRATEGIES:
+        problems.append(f"strategy must be one of {distributed.STRATEGIES}, got {c.strategy!r}")
     for name in ("batch_size", "grad_accum", "epochs", "max_length", "eval_batch_size", "log_every", "checkpoint_every"):
         if getattr(c, name) < 1:
             problems.append(f"{name} must be at least 1, got {getattr(c, name)}")
@@ -290,7 +294,7 @@ def lr_at(step: int, total: int, c: TrainConfig) -> float:
 def n_targets(batch: dict[str, torch.Tensor], task: str) -> int:
     """How many terms the batch adds to the loss: examples, or next-token targets."""
     if task == "seq-cls":
-        return batch["labels"].numel()
+        return int((batch["labels"] != data.IGNORE_INDEX).sum())
     return int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
 
 
@@ -298,7 +302,8 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Ten
     """Summed cross-entropy; the caller divides by the targets of the whole optimizer step,
     which makes gradient accumulation match one large batch exactly."""
     if task == "seq-cls":
-        return F.cross_entropy(logits.float(), labels, reduction="sum")  # logits (B, C), labels (B,)
+        # logits (B, C), labels (B,)
+        return F.cross_entropy(logits.float(), labels, ignore_index=data.IGNORE_INDEX, reduction="sum")
     vocab = logits.shape[-1]
     shifted = logits[:, :-1].float().reshape(-1, vocab)  # (B·(T-1), V): position t predicts token t+1
     return F.cross_entropy(shifted, labels[:, 1:].reshape(-1), ignore_index=data.IGNORE_INDEX, reduction="sum")
@@ -310,17 +315,22 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: list[dict], task: str, pad_id: int, batch_size: int,
-             device: torch.device, dtype: torch.dtype | None, desc: str = "eval") -> dict[str, float]:
-    """Loss and accuracy (classification) or loss and perplexity (language modelling)."""
+             device: torch.device, dtype: torch.dtype | None, desc: str = "eval",
+             world: distributed.World = distributed.SINGLE) -> dict[str, float]:
+    """Loss and accuracy (classification) or loss and perplexity (language modelling).
+
+    In a distributed run every rank calls this and evaluates its share of each batch.
+    """
     from tqdm.auto import tqdm
 
     was_training = model.training
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))  # less padding
     total = correct = count = 0.0
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, unit="batch"):
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, unit="batch",
+                      disable=not world.is_main):
         batch = data.collate([examples[i] for i in order[start:start + batch_size]], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: v.to(device) for k, v in distributed.share(batch, world).items()}
         with autocast(device, dtype):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         total += loss_sum(logits, batch["labels"], task).item()
@@ -328,6 +338,7 @@ def evaluate(model: nn.Module, examples: list[dict], task: str, pad_id: int, bat
         if task == "seq-cls":
             correct += (logits.argmax(-1) == batch["labels"]).sum().item()  # logits (B, C)
     model.train(was_training)
+    total, correct, count = distributed.all_sum(world, total, correct, count)
     loss = total / max(count, 1)
     if task == "seq-cls":
         return {"loss": loss, "accuracy": correct / max(count, 1)}
@@ -345,31 +356,37 @@ class Interrupted(Exception):
     """Ctrl-C: a checkpoint was written; `lorakit train --resume RUN_DIR` continues."""
 
 
-def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> Path:
+def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+                    world: distributed.World = distributed.SINGLE) -> Path:
     """Write checkpoints/step-N atomically, then drop older ones.
 
     Files go to a temporary directory that is renamed into place, and the `latest`
     pointer is replaced last, so a kill at any moment leaves the previous checkpoint
-    complete and pointed to.
+    complete and pointed to. In a distributed run every rank calls this with the
+    unwrapped model: FSDP2 shards are gathered into full tensors, and rank 0 writes
+    them with every rank's random generator states.
     """
+    trainable = {n: distributed.full_tensor(p).cpu().contiguous()
+                 for n, p in model.named_parameters() if p.requires_grad}
+    opt = optimizer.state_dict()
+    opt_tensors = {f"{i}.{k}": distributed.full_tensor(v).cpu().contiguous()
+                   for i, s in opt["state"].items() for k, v in s.items()}
+    rng_states = distributed.gather_objects(world, own_rng_states(world))
     root = run_dir / "checkpoints"
+    final = root / f"step-{state['step']:08d}"
+    if not world.is_main:
+        return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     save_file(trainable, tmp / "trainable.safetensors")
-    opt = optimizer.state_dict()
-    opt_tensors = {f"{i}.{k}": v.cpu().contiguous() for i, s in opt["state"].items() for k, v in s.items()}
     save_file(opt_tensors, tmp / "optimizer.safetensors")
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    rng = {rng_prefix(rank) + name: s for rank, states in enumerate(rng_states) for name, s in states.items()}
     save_file(rng, tmp / "rng.safetensors")
     full_state = {**state, "param_groups": opt["param_groups"], "python_random": random.getstate()}
     (tmp / "state.json").write_text(json.dumps(full_state, indent=1) + "\n")
     for path in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
         with open(path, "rb") as f:
             os.fsync(f.fileno())
-    final = root / f"step-{state['step']:08d}"
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -380,6 +397,20 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def own_rng_states(world: distributed.World) -> dict[str, torch.Tensor]:
+    """This process's random generators: the CPU's and those of the GPUs it may use."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        gpus = [torch.cuda.current_device()] if world.distributed else range(torch.cuda.device_count())
+        rng.update({f"cuda.{i}": torch.cuda.get_rng_state(i) for i in gpus})
+    return rng
+
+
+def rng_prefix(rank: int) -> str:
+    """Key prefix of a rank's generators in rng.safetensors: none for rank 0 (and one-process runs)."""
+    return f"rank{rank}." if rank else ""
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -395,8 +426,12 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore trainable tensors, optimizer, RNG states; return the loop state (step, epoch, ...)."""
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    world: distributed.World = distributed.SINGLE) -> dict:
+    """Restore trainable tensors, optimizer, RNG states; return the loop state (step, epoch, ...).
+
+    Every rank of a distributed run reads the full tensors and keeps its own shard of them.
+    """
     state = json.loads((path / "state.json").read_text())
     tensors = _read_tensors(path / "trainable.safetensors")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -405,16 +440,22 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         raise ValueError(f"{path}: the checkpoint's trainable tensors do not match the model (e.g. {diff[:3]})")
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(tensors[name])
+            p.copy_(distributed.shard_like(tensors[name], p))
+    opt_params = params_of(optimizer)
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in _read_tensors(path / "optimizer.safetensors").items():
         index, name = key.split(".", 1)
-        opt_state.setdefault(int(index), {})[name] = value
+        # AdamW's moments have their parameter's shape (and sharding); its step count is a scalar
+        opt_state.setdefault(int(index), {})[name] = (distributed.shard_like(value, opt_params[int(index)])
+                                                      if value.dim() else value)
     optimizer.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
     rng = _read_tensors(path / "rng.safetensors")
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available() and "cuda.0" in rng:
-        torch.cuda.set_rng_state_all([rng[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in rng])
+    prefix = rng_prefix(world.rank)
+    if prefix + "torch" in rng:  # else a rank the checkpoint did not have keeps its seeded generators
+        torch.set_rng_state(rng[prefix + "torch"])
+        for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+            if f"{prefix}cuda.{i}" in rng:
+                torch.cuda.set_rng_state(rng[f"{prefix}cuda.{i}"], i)
     version, internal, gauss = state.pop("python_random")
     random.setstate((version, tuple(internal), gauss))
     return state
@@ -437,23 +478,27 @@ class Session:
 
     c: TrainConfig
     run_dir: Path
-    model: nn.Module
+    model: nn.Module  # wrapped by DDP or sharded by FSDP2 in a distributed run
     tokenizer: Any
     optimizer: torch.optim.Optimizer
     splits: dict[str, list[dict]]
     device: torch.device
     dtype: torch.dtype | None
+    world: distributed.World = distributed.SINGLE
+    strategy: str | None = None  # ddp or fsdp in a distributed run
 
     def evaluate(self, split: str) -> dict[str, float]:
-        return evaluate(self.model, self.splits[split], self.c.task, self.tokenizer.pad_token_id,
-                        self.c.eval_batch_size, self.device, self.dtype, desc=split)
+        return evaluate(distributed.unwrap(self.model), self.splits[split], self.c.task, self.tokenizer.pad_token_id,
+                        self.c.eval_batch_size, self.device, self.dtype, desc=split, world=self.world)
 
     def checkpoint(self, pos: dict[str, int], summary: dict[str, Any]) -> Path:
         # A checkpoint of non-finite weights would be no checkpoint to go back to.
-        if not all(bool(torch.isfinite(p).all()) for p in params_of(self.optimizer)):
+        finite = all(bool(torch.isfinite(distributed.local(p)).all()) for p in params_of(self.optimizer))
+        if not distributed.all_ranks(self.world, finite):
             raise TrainingDiverged(f"the weights became non-finite by step {pos['step']}; no checkpoint written. "
                                    f"Last good checkpoint: {latest_checkpoint(self.run_dir) or 'none'}")
-        return save_checkpoint(self.run_dir, self.model, self.optimizer, {**pos, "summary": summary})
+        return save_checkpoint(self.run_dir, distributed.unwrap(self.model), self.optimizer,
+                               {**pos, "summary": summary}, self.world)
 
 
 class _StopOnCtrlC:
@@ -498,39 +543,68 @@ def available_cores() -> int:
 
 
 def run(config: TrainConfig, resume: str | Path | None = None) -> RunResult:
-    """Train as `config` says (or continue the run in directory `resume`); write the run directory."""
+    """Train as `config` says (or continue the run in directory `resume`); write the run directory.
+
+    Under torchrun every process calls this. Settings, data and model are checked and
+    loaded before the processes connect, so bad input fails on every rank alike.
+    """
     started = time.perf_counter()
-    c, run_dir = start_run(config, Path(resume) if resume is not None else None)
-    torch.set_num_threads(c.threads or available_cores())
-    device, dtype = pick_device(c)
-    torch.manual_seed(c.seed)  # the new head and LoRA's A matrices start the same in every run with this seed
-    random.seed(c.seed)
-    tables = data.read_splits(c)
-    if c.task == "seq-cls" and not c.labels:
-        data.check_rows(tables["train"], (c.label_column,))
-        c = dataclasses.replace(c, labels=data.resolve_labels(tables["train"], c.label_column, None))
-    model_path = resolve_model(c.model)
-    print(f"lorakit train: recipe {c.recipe} | {c.task} | {c.method} | {c.model} | {device}"
-          + (f" with {str(dtype).removeprefix('torch.')} autocast" if dtype else ""), flush=True)
-    model, tokenizer = load_model(c, model_path)
-    splits = data.encode_splits(c, tables, tokenizer)
-    apply_method(model, c, model_path)
-    model.to(device).train()
-    if c.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
-            model.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        # With frozen embeddings no block input requires grad; make them, so backward
-        # still reaches the adapters inside recomputed blocks.
-        model.enable_input_require_grads()
-    run_dir.mkdir(parents=True, exist_ok=True)  # only now: bad data or a bad model leave no empty run behind
-    (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(c), indent=2) + "\n")
+    world = distributed.world_from_env()
+    with distributed.quiet_unless_main(world):  # rank 0 alone prints
+        c, run_dir = start_run(config, Path(resume) if resume is not None else None)
+        distributed.check_config(c, world)
+        torch.set_num_threads(c.threads or max(1, available_cores() // world.local_size))
+        device, dtype = pick_device(c)
+        device = distributed.process_device(device, world)
+        torch.manual_seed(c.seed)  # the new head and LoRA's A matrices start the same in every run with this seed
+        random.seed(c.seed)
+        tables = data.read_splits(c)
+        if c.task == "seq-cls" and not c.labels:
+            data.check_rows(tables["train"], (c.label_column,))
+            c = dataclasses.replace(c, labels=data.resolve_labels(tables["train"], c.label_column, None))
+        model_path = resolve_model(c.model)
+        print(f"lorakit train: recipe {c.recipe} | {c.task} | {c.method} | {c.model} | {device}"
+              + (f" with {str(dtype).removeprefix('torch.')} autocast" if dtype else "")
+              + (f" | {world.size} processes" if world.distributed else ""), flush=True)
+        model, tokenizer = load_model(c, model_path)
+        splits = data.encode_splits(c, tables, tokenizer)
+        apply_method(model, c, model_path)
+        if world.distributed:
+            torch.manual_seed(c.seed + world.rank)  # weights start alike on every rank; dropout masks differ
+        if c.gradient_checkpointing:
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+                model.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # With frozen embeddings no block input requires grad; make them, so backward
+            # still reaches the adapters inside recomputed blocks.
+            model.enable_input_require_grads()
+        with distributed.process_group(world, device):
+            # The data-parallel wrapper lives in train_session alone: it must be gone before the group is.
+            return train_session(c, run_dir, model, tokenizer, splits, device, dtype, world, resume, started)
+
+
+def train_session(c: TrainConfig, run_dir: Path, model: nn.Module, tokenizer: Any, splits: dict[str, list[dict]],
+                  device: torch.device, dtype: torch.dtype | None, world: distributed.World,
+                  resume: str | Path | None, started: float) -> RunResult:
+    """Spread the loaded model over the processes, write config.json, then train, test and save."""
+    c, run_dir = distributed.from_main(world, (c, run_dir))  # a default run directory is named at rank 0's start
+    model.train()
+    strategy = None
+    if world.distributed:
+        strategy, why = distributed.choose_strategy(c.strategy, model, device)
+        print(f"strategy {strategy} over {world.size} processes: {why}", flush=True)
+        model = distributed.wrap(model, strategy, device, find_blocks(model))
+    else:
+        model.to(device)
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)  # only now: bad data or a bad model leave no empty run behind
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(c), indent=2) + "\n")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=c.lr,
                                   weight_decay=c.weight_decay)
-    print(f"{lorakit.count_parameters(model).summary()} | examples: train {len(splits['train'])}, "
+    print(f"{lorakit.count_parameters(distributed.unwrap(model)).summary()} | examples: train {len(splits['train'])}, "
           f"validation {len(splits['validation'])}, test {len(splits.get('test', []))}", flush=True)
-    s = Session(c, run_dir, model, tokenizer, optimizer, splits, device, dtype)
+    s = Session(c, run_dir, model, tokenizer, optimizer, splits, device, dtype, world, strategy)
     pos, summary = {"step": 0, "epoch": 0, "batch": 0}, {}
     if resume is not None:
         pos, summary = resume_from_checkpoint(s)
@@ -545,9 +619,11 @@ def resume_from_checkpoint(s: Session) -> tuple[dict[str, int], dict[str, Any]]:
     ckpt = latest_checkpoint(s.run_dir)
     if ckpt is None:
         raise FileNotFoundError(f"{s.run_dir / 'checkpoints'} holds no complete checkpoint to resume from")
-    state = load_checkpoint(ckpt, s.model, s.optimizer)  # restores the RNG states last: nothing may draw after
+    # restores the RNG states last: nothing may draw after
+    state = load_checkpoint(ckpt, distributed.unwrap(s.model), s.optimizer, s.world)
     summary = state.pop("summary", {})
-    _truncate_metrics(s.run_dir / "metrics.jsonl", state["step"])
+    if s.world.is_main:
+        _truncate_metrics(s.run_dir / "metrics.jsonl", state["step"])
     print(f"resuming from {ckpt}", flush=True)
     return state, summary
 
@@ -564,20 +640,23 @@ def train_loop(s: Session, pos: dict[str, int], summary: dict[str, Any]) -> dict
     c, params = s.c, params_of(s.optimizer)
     total = total_steps(c, len(s.splits["train"]))
     first_step, tokens, seconds = pos["step"], 0, 0.0
-    bar = tqdm(total=total, initial=pos["step"], desc="train", unit="step", dynamic_ncols=True)
-    with bar, _StopOnCtrlC() as stop, (s.run_dir / "metrics.jsonl").open("a") as log:
+    bar = tqdm(total=total, initial=pos["step"], desc="train", unit="step", dynamic_ncols=True,
+               disable=not s.world.is_main)
+    metrics = s.run_dir / "metrics.jsonl" if s.world.is_main else os.devnull  # rank 0 alone writes
+    with bar, _StopOnCtrlC() as stop, open(metrics, "a") as log:
         while pos["step"] < total:
-            if stop.requested:
+            if distributed.any_rank(s.world, stop.requested):  # all ranks stop at the same step
                 ckpt = s.checkpoint(pos, summary)
                 raise Interrupted(f"interrupted at step {pos['step']} of {total}; checkpoint saved in {ckpt}. "
-                                  f"Resume with: lorakit train --resume {s.run_dir}")
+                                  f"Resume with: lorakit train --resume {s.run_dir}"
+                                  + (f" (under torchrun, {s.world.size} processes)" if s.world.distributed else ""))
             t0 = time.perf_counter()
             lr = lr_at(pos["step"], total, c)
             for group in s.optimizer.param_groups:
                 group["lr"] = lr
             epoch = pos["epoch"]
             micro = next_micro_batches(s.splits["train"], pos, c, s.tokenizer.pad_token_id)
-            loss, n_tokens = train_step(s.model, micro, c, s.device, s.dtype)
+            loss, n_tokens = train_step(s.model, micro, c, s.device, s.dtype, s.world)
             grad_norm = float(nn.utils.clip_grad_norm_(params, c.max_grad_norm or math.inf))
             check_finite(loss, grad_norm, pos["step"] + 1, s)  # before the update: the weights stay good
             s.optimizer.step()
@@ -603,23 +682,26 @@ def train_loop(s: Session, pos: dict[str, int], summary: dict[str, Any]) -> dict
 
 
 def train_step(model: nn.Module, micro: list[dict[str, torch.Tensor]], c: TrainConfig, device: torch.device,
-               dtype: torch.dtype | None) -> tuple[float, int]:
-    """Forward and backward over one step's micro-batches; returns (mean loss, tokens seen)."""
-    targets = sum(n_targets(b, c.task) for b in micro)  # the loss is averaged over the whole step
+               dtype: torch.dtype | None, world: distributed.World = distributed.SINGLE) -> tuple[float, int]:
+    """Forward and backward over one step's (global) micro-batches, each rank on its share of
+    each; returns (mean loss, tokens seen), both over all ranks."""
+    targets = sum(n_targets(b, c.task) for b in micro)  # the loss is averaged over the whole global step
     total, tokens = torch.zeros((), device=device), 0
-    for batch in micro:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with autocast(device, dtype):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = loss_sum(logits, batch["labels"], c.task) / max(targets, 1)
-        loss.backward()
-        total += loss.detach()
+    for i, batch in enumerate(micro):
         tokens += int(batch["attention_mask"].sum())
-    return total.item(), tokens
+        batch = {k: v.to(device, non_blocking=True) for k, v in distributed.share(batch, world).items()}
+        with distributed.gradient_sync(model, sync=i == len(micro) - 1):
+            with autocast(device, dtype):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            # DDP and FSDP2 average the ranks' gradients; × world size turns that into their sum
+            loss = loss_sum(logits, batch["labels"], c.task) * world.size / max(targets, 1)
+            loss.backward()
+        total += loss.detach()
+    return distributed.all_sum(world, total.item())[0] / world.size, tokens
 
 
 def next_micro_batches(examples: list[dict], pos: dict[str, int], c: TrainConfig, pad_id: int) -> list[dict]:
-    """The next step's grad_accum batches; a step never spans two epochs. Advances `pos`."""
+    """The next step's grad_accum (global) batches; a step never spans two epochs. Advances `pos`."""
     n_batches = data.batches_per_epoch(len(examples), c.batch_size)
     order = data.epoch_order(len(examples), c.seed, pos["epoch"])
     micro = []
@@ -660,18 +742,22 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def finish(s: Session, summary: dict[str, Any], stats: dict[str, Any], started: float) -> RunResult:
-    """Test, save the trained weights, write summary.json and loss.png."""
+    """Test, save the trained weights, write summary.json and loss.png (rank 0 writes; all ranks take part)."""
     test_after = s.evaluate("test") if "test" in s.splits else None
+    model = distributed.unwrap(s.model)
     if parse_method(s.c.method)[0] == "lora":
-        lorakit.save_adapter(s.model, s.run_dir / "adapter")
+        distributed.save_adapter(s.model, s.run_dir / "adapter", s.world)
     else:
-        s.model.save_pretrained(s.run_dir / "model")
-        s.tokenizer.save_pretrained(s.run_dir / "model")
-    counts = lorakit.count_parameters(s.model)
+        state = distributed.full_state_dict(s.model)  # None: the model's own weights are whole
+        if s.world.is_main:
+            model.save_pretrained(s.run_dir / "model", state_dict=state)
+            s.tokenizer.save_pretrained(s.run_dir / "model")
+    counts = lorakit.count_parameters(model)
     out: dict[str, Any] = {
         "recipe": s.c.recipe, "task": s.c.task, "method": s.c.method, "model": s.c.model,
         "trainable_params": counts.trainable, "total_params": counts.total, "trainable_percent": counts.percent,
         "device": str(s.device), "precision": str(s.dtype or torch.float32).removeprefix("torch."),
+        "processes": s.world.size, "strategy": s.strategy,
     }
     for prefix, metrics in (("val", summary.get("validation")), ("test", test_after),
                             ("test_before", summary.get("test_before"))):
@@ -679,14 +765,15 @@ def finish(s: Session, summary: dict[str, Any], stats: dict[str, Any], started: 
     out.update({"peak_memory_bytes": peak_memory_bytes(s.device),
                 "tokens_per_second": stats["tokens"] / max(stats["train_seconds"], 1e-9),
                 "wall_seconds": time.perf_counter() - started, **stats, "lorakit_version": lorakit.__version__})
-    (s.run_dir / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
-    plot_losses(s.run_dir / "metrics.jsonl", s.run_dir / "loss.png")
+    if s.world.is_main:
+        (s.run_dir / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
+        plot_losses(s.run_dir / "metrics.jsonl", s.run_dir / "loss.png")
     if test_after is not None:
         before = f"{_fmt(summary['test_before'])} before training, " if "test_before" in summary else ""
         print(f"test: {before}{_fmt(test_after)} after", flush=True)
     print(f"done in {out['wall_seconds']:.0f} s, peak memory {out['peak_memory_bytes'] / 2**20:.0f} MiB; "
           f"wrote {s.run_dir}", flush=True)
-    return RunResult(s.run_dir, out, s.model, s.tokenizer)
+    return RunResult(s.run_dir, out, model, s.tokenizer)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
