@@ -58,6 +58,7 @@ class LoraLayer(nn.Module):
         # Set by `lorakit.route` while a mixed batch runs: which adapter each batch row uses.
         self.route: Route | None = None
         self._stacks: dict[tuple, tuple] = {}  # padded adapter tables for the mixed-batch kernels
+        self._plan: tuple | None = None  # the last few-token mixed-batch call's tensors, reused by the next
 
     def __getattr__(self, name: str):
         # Code that reads `layer.weight`, `layer.in_features`, ... sees the base layer's.
@@ -132,6 +133,7 @@ class LoraLayer(nn.Module):
         for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout):
             del table[name]
         self._stacks.clear()
+        self._plan = None
         self.active_adapters = tuple(a for a in self.active_adapters if a != name)
 
     def set_active(self, names: Iterable[str]) -> None:
@@ -237,6 +239,15 @@ class LoraLinear(LoraLayer):
 
     def _routed_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         """Each batch row (dim 0 of x) with its own adapter or none."""
+        plan = self._plan
+        if (plan is not None and plan[0] is self.route and plan[1] == (x.shape, x.dtype) and not args and not kwargs
+                and not (torch.is_grad_enabled() or self.training or self.disabled or self.merged_adapters
+                         or torch.is_autocast_enabled(x.device.type))):
+            # decode: every step repeats the last step's shapes; skip the bookkeeping below
+            _, _, weight, bias, a_cat, b_cat, mask = plan
+            x2 = x.reshape(-1, x.shape[-1])
+            y2 = ops.multi.dense_expand_add_(F.linear(x2, weight, bias), x2, a_cat, b_cat, mask)
+            return y2.view(*x.shape[:-1], self.out_features)
         if self.merged_adapters:
             raise RuntimeError("a merged model cannot run a mixed batch; unmerge(model) first")
         route = self.route
@@ -262,6 +273,8 @@ class LoraLinear(LoraLayer):
                                 lambda: ops.multi.dense_row_mask(row_adapter, seq, n, r, x.dtype))
             a_cat, b_cat = self.stacked(route, tuple(names), x.dtype, x.device, dense=True)
             y = ops.multi.dense_expand_add_(y2, x2, a_cat, b_cat, mask)
+            if plain:
+                self._plan = (route, (x.shape, x.dtype), weight, base.bias, a_cat, b_cat, mask)
         elif plain:
             y = ops.multi.multi_lora_linear(x3, weight, base.bias, a_stack, b_stack, row_adapter)
         else:
