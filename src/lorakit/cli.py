@@ -1,4 +1,4 @@
-"""The `lorakit` command line: train, eval, merge (and params, explain when installed).
+"""The `lorakit` command line: train, eval, merge, predict, generate (and params, explain when installed).
 
     lorakit train                                   # the bundled spam/ham run, offline, on a CPU
     lorakit train --recipe imdb-llama-3.2-1b --method full
@@ -6,6 +6,15 @@
     lorakit train --recipe imdb-llama-3.2-1b --nproc 2    # 2 processes (GPUs) under torchrun
     lorakit eval RUN_DIR --data emails.jsonl
     lorakit merge RUN_DIR merged-model/
+    lorakit predict --adapter spam=runs/spam --adapter topic=topic-adapter/ --input rows.jsonl --output out.jsonl
+    lorakit generate --adapter sql=runs/sql --adapter chat=runs/chat --input prompts.jsonl
+
+predict and generate run batches that mix adapters (lorakit.route). Each input line is a
+JSON object with the text ("text" for predict, "prompt" for generate) and an "adapter"
+field naming one of the --adapter NAMEs (null or no field: the base model alone); PATH is
+an adapter directory or a `lorakit train` run directory. Each output line is the input
+row plus "label", "label_id" and "probs" (predict) or "completion" (generate), in input
+order, to --output or stdout.
 
 Bad input (a missing file or column, an unknown label, a bad setting) is reported
 on one line and exits with status 2.
@@ -27,7 +36,7 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit import data, distributed, train
+from lorakit import data, distributed, serve, train
 from lorakit.train import TrainConfig
 
 try:
@@ -260,6 +269,37 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    summary = serve.predict(args.adapter, args.input, args.output, model=args.model, batch_size=args.batch_size,
+                            max_length=args.max_length, text_field=args.text_field,
+                            adapter_field=args.adapter_field)
+    print(f"lorakit predict: {summary}", file=sys.stderr)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    summary = serve.generate(args.adapter, args.input, args.output, model=args.model, batch_size=args.batch_size,
+                             max_new_tokens=args.max_new_tokens, prompt_field=args.prompt_field,
+                             adapter_field=args.adapter_field, temperature=args.temperature, seed=args.seed)
+    print(f"lorakit generate: {summary}", file=sys.stderr)
+    return 0
+
+
+def add_serve_arguments(p: argparse.ArgumentParser, field: str, batch_size: int) -> None:
+    """The options predict and generate share; `field` is the input's text field."""
+    p.add_argument("--adapter", action="append", required=True, metavar="NAME=PATH",
+                   help="an adapter directory or a lorakit train run directory, served as NAME (repeatable)")
+    p.add_argument("--input", required=True, metavar="FILE",
+                   help=f"JSONL, one object per line with a {field!r} field and an adapter field")
+    p.add_argument("--output", default=None, metavar="OUT", help="JSONL file to write (default: stdout)")
+    p.add_argument("--model", default=None, metavar="M",
+                   help="the base model (default: the one the adapters were trained on, the same for all of them)")
+    p.add_argument("--batch-size", type=int, default=batch_size, metavar="N",
+                   help=f"rows per batch (default {batch_size})")
+    p.add_argument("--adapter-field", default="adapter", metavar="NAME",
+                   help="the field naming a row's adapter; null or absent: the base model (default adapter)")
+
+
 # -- the parser --------------------------------------------------------------------------------
 
 
@@ -295,6 +335,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.set_defaults(handler=cmd_merge)
+    p = sub.add_parser("predict", help="classify JSONL rows, each with the adapter it names, in mixed batches",
+                       allow_abbrev=False)
+    add_serve_arguments(p, "text", 32)
+    p.add_argument("--max-length", type=int, default=256, metavar="N",
+                   help="truncate texts to this many tokens (default 256)")
+    p.add_argument("--text-field", default="text", metavar="NAME", help="the field holding the text (default text)")
+    p.set_defaults(handler=cmd_predict)
+    p = sub.add_parser("generate", help="continue JSONL prompts, each with the adapter it names, in mixed batches",
+                       allow_abbrev=False)
+    add_serve_arguments(p, "prompt", 16)
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                   help="tokens to generate per row (default 64)")
+    p.add_argument("--prompt-field", default="prompt", metavar="NAME",
+                   help="the field holding the prompt (default prompt)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="sampling temperature; 0 (the default) is greedy decoding")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    p.set_defaults(handler=cmd_generate)
     for name, summary in OPTIONAL_COMMANDS.items():
         module = _optional_command(name)
         if module is not None:
