@@ -28,3 +28,20 @@ def test_readme_test_command_is_the_one_ci_runs():
     ci = (README.parent / ".ci" / "run").read_text().strip().splitlines()
     assert ci[-1] == "python -m pytest -q"
     assert "&& python -m pytest -q\n" in README.read_text()
+
+
+def test_mixed_batch_example_runs():
+    """The route example, on a tiny Llama with the two adapters it names."""
+    import torch
+    from tiny_models import LLAMA_TARGETS, input_ids, tiny_llama_causal
+
+    import lorakit
+
+    block = next(b for b in python_blocks() if "lorakit.route" in b)
+    model = tiny_llama_causal()
+    for name in ("support", "legal"):
+        lorakit.inject(model, lorakit.LoraConfig(r=4, target_modules=LLAMA_TARGETS, init_lora_weights=False), name)
+    scope = {"lorakit": lorakit, "model": model, "ids": input_ids(batch=4, seq=5)}
+    with torch.no_grad():
+        exec(compile(block, "README.md", "exec"), scope)
+    assert scope["logits"].shape[0] == 4 and scope["out"].shape == (4, 5 + 32)
