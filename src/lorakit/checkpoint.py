@@ -138,13 +138,18 @@ def read_config(directory: str | os.PathLike) -> LoraConfig:
         raise FileNotFoundError(f"adapter directory {str(directory)!r} does not exist")
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    return LoraConfig.from_dict(read_json_object(path), source=str(path))
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold one object, with an error naming the file otherwise."""
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return LoraConfig.from_dict(data, source=str(path))
+    return data
 
 
 def read_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from torch import nn
 
 import lorakit
 from lorakit import data, train
-from lorakit.checkpoint import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_config
+from lorakit.checkpoint import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_config, read_json_object
 from lorakit.inject import SEQ_CLS_HEADS, check_adapter_name
 
 TASK_TYPES = {"SEQ_CLS": "seq-cls", "CAUSAL_LM": "causal-lm"}  # adapter_config.json's task_type -> task
@@ -98,13 +98,7 @@ def parse_adapter(spec: str) -> Adapter:
 
 
 def _run_config(path: Path) -> train.TrainConfig:
-    try:
-        values = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(values).__name__}")
-    return train.config_from_dict(values, str(path))
+    return train.config_from_dict(read_json_object(path), str(path))
 
 
 def resolve_adapters(specs: Sequence[str], task: str, command: str) -> list[Adapter]:
