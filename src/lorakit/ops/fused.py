@@ -115,6 +115,23 @@ def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: T
     return dx, dweight, dbias, d_a, d_b
 
 
+def _linear_node_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
+                         scale: float, p: float, seed: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`_forward` for x (..., in): (y (..., out), h (T, r))."""
+    y, h = _forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scale, p, seed)
+    return y.reshape(*x.shape[:-1], y.shape[-1]), h
+
+
+def _linear_node_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor,
+                          scale: float, p: float, seed: Tensor | None, needs: tuple[bool, ...]):
+    """`_backward` for dy (..., out): (dx in x's shape and dtype, dW, dbias, dA, dB), None where not wanted."""
+    dx, dw, dbias, d_a, d_b = _backward(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight, lora_A,
+                                        lora_B, h, scale, p, seed, needs)
+    if dx is not None:
+        dx = dx.reshape(x.shape).to(x.dtype)
+    return dx, dw, dbias, d_a, d_b
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """y = x·Wᵀ + b + s·(dropout(x)·Aᵀ)·Bᵀ with a hand-written backward."""
 
@@ -122,22 +139,19 @@ class LoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                 scale: float, dropout_p: float, seed: Tensor | None) -> Tensor:
         # x (..., in), weight (out, in), lora_A (r, in), lora_B (out, r)
-        y, h = _forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+        y, h = _linear_node_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
         ctx.save_for_backward(x, weight, lora_A, lora_B, h, seed)
         ctx.scale, ctx.dropout_p = scale, dropout_p
         ctx.has_bias = bias is not None
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
         n = ctx.needs_input_grad
-        dx, dw, dbias, d_a, d_b = _backward(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight,
-                                            lora_A, lora_B, h, ctx.scale, ctx.dropout_p, seed,
-                                            (n[0], n[1], ctx.has_bias and n[2], n[3], n[4]))
-        if dx is not None:
-            dx = dx.reshape(x.shape).to(x.dtype)
-        return dx, dw, dbias, d_a, d_b, None, None, None
+        grads = _linear_node_backward(dy, x, weight, lora_A, lora_B, h, ctx.scale, ctx.dropout_p, seed,
+                                      (n[0], n[1], ctx.has_bias and n[2], n[3], n[4]))
+        return *grads, None, None, None
 
 
 # Activations the gated-MLP node can differentiate itself: name -> (forward, backward).
@@ -147,6 +161,27 @@ GATED_ACTIVATIONS = {
     "gelu_tanh": (lambda g: torch.nn.functional.gelu(g, approximate="tanh"),
                   lambda grad, g: torch.ops.aten.gelu_backward(grad, g, approximate="tanh")),
 }
+
+
+def _gated_node_forward(g: Tensor, u: Tensor, act: str, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
+                        lora_B: Tensor, scale: float, p: float, seed: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(down(act(g) ⊙ u) (..., out), h (T, r)); the product is freed on return."""
+    z = GATED_ACTIVATIONS[act][0](g) * u  # (..., width)
+    return _linear_node_forward(z, weight, bias, lora_A, lora_B, scale, p, seed)
+
+
+def _gated_node_backward(dy: Tensor, g: Tensor, u: Tensor, act: str, weight: Tensor, lora_A: Tensor,
+                         lora_B: Tensor, h: Tensor, scale: float, p: float, seed: Tensor | None,
+                         needs: tuple[bool, ...]):
+    """(dg, du, dW, dbias, dA, dB) of `_gated_node_forward`, recomputing act(g) ⊙ u; None where not wanted."""
+    need_g, need_u, need_w, need_bias, need_a, need_b = needs
+    act_fwd, act_bwd = GATED_ACTIVATIONS[act]
+    act_g = act_fwd(g)
+    dz, dw, dbias, d_a, d_b = _linear_node_backward(dy, act_g * u, weight, lora_A, lora_B, h, scale, p, seed,
+                                                    (need_g or need_u, need_w, need_bias, need_a, need_b))
+    du = dz * act_g if need_u else None
+    dg = act_bwd(dz * u, g) if need_g else None
+    return dg, du, dw, dbias, d_a, d_b
 
 
 class GatedDownFunction(torch.autograd.Function):
@@ -160,28 +195,19 @@ class GatedDownFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g: Tensor, u: Tensor, act: str, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
                 lora_B: Tensor, scale: float, dropout_p: float, seed: Tensor | None) -> Tensor:
-        z = GATED_ACTIVATIONS[act][0](g) * u  # (..., width), freed after forward
-        y, h = _forward(z.reshape(-1, z.shape[-1]), weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+        y, h = _gated_node_forward(g, u, act, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
         ctx.save_for_backward(g, u, weight, lora_A, lora_B, h, seed)
         ctx.act, ctx.scale, ctx.dropout_p = act, scale, dropout_p
         ctx.has_bias = bias is not None
-        return y.reshape(*g.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         g, u, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
         n = ctx.needs_input_grad
-        act_fwd, act_bwd = GATED_ACTIVATIONS[ctx.act]
-        act_g = act_fwd(g)
-        z = act_g * u
-        dz, dw, dbias, d_a, d_b = _backward(dy.reshape(-1, dy.shape[-1]), z.reshape(-1, z.shape[-1]), weight,
-                                            lora_A, lora_B, h, ctx.scale, ctx.dropout_p, seed,
-                                            (n[0] or n[1], n[3], ctx.has_bias and n[4], n[5], n[6]))
-        dg = du = None
-        if dz is not None:
-            dz = dz.reshape(g.shape).to(g.dtype)
-            du = dz * act_g if n[1] else None
-            dg = act_bwd(dz * u, g) if n[0] else None
+        dg, du, dw, dbias, d_a, d_b = _gated_node_backward(dy, g, u, ctx.act, weight, lora_A, lora_B, h, ctx.scale,
+                                                           ctx.dropout_p, seed,
+                                                           (n[0], n[1], n[3], ctx.has_bias and n[4], n[5], n[6]))
         return dg, du, None, dw, dbias, d_a, d_b, None, None, None
 
 
@@ -200,8 +226,7 @@ COMPILE_AS_CUSTOM_OPS = os.environ.get("LORAKIT_COMPILE_CUSTOM_OPS", "0").strip(
 @torch.library.custom_op("lorakit::lora_linear", mutates_args=())
 def _lora_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scale: float,
                     dropout_p: float, seed: Tensor | None) -> tuple[Tensor, Tensor]:
-    y, h = _forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scale, dropout_p, seed)
-    return y.reshape(*x.shape[:-1], y.shape[-1]), h
+    return _linear_node_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
 
 
 @_lora_linear_op.register_fake
@@ -215,10 +240,9 @@ def _lora_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tens
                              scale: float, dropout_p: float, seed: Tensor | None, need_dx: bool,
                              need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dbias, dA, dB); dx and dbias are empty when not asked for."""
-    dx, _, dbias, d_a, d_b = _backward(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight, lora_A,
-                                       lora_B, h, scale, dropout_p, seed, (need_dx, False, need_bias, True, True))
-    dx = x.new_empty(0) if dx is None else dx.reshape(x.shape).to(x.dtype)
-    return dx, weight.new_empty(0) if dbias is None else dbias, d_a, d_b
+    dx, _, dbias, d_a, d_b = _linear_node_backward(dy, x, weight, lora_A, lora_B, h, scale, dropout_p, seed,
+                                                   (need_dx, False, need_bias, True, True))
+    return x.new_empty(0) if dx is None else dx, weight.new_empty(0) if dbias is None else dbias, d_a, d_b
 
 
 @_lora_linear_backward_op.register_fake
@@ -247,9 +271,7 @@ _lora_linear_op.register_autograd(_lora_linear_grad, setup_context=_lora_linear_
 @torch.library.custom_op("lorakit::gated_down", mutates_args=())
 def _gated_down_op(g: Tensor, u: Tensor, act: str, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
                    lora_B: Tensor, scale: float, dropout_p: float, seed: Tensor | None) -> tuple[Tensor, Tensor]:
-    z = GATED_ACTIVATIONS[act][0](g) * u
-    y, h = _forward(z.reshape(-1, z.shape[-1]), weight, bias, lora_A, lora_B, scale, dropout_p, seed)
-    return y.reshape(*g.shape[:-1], y.shape[-1]), h
+    return _gated_node_forward(g, u, act, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
 
 
 @_gated_down_op.register_fake
@@ -263,13 +285,9 @@ def _gated_down_backward_op(dy: Tensor, g: Tensor, u: Tensor, act: str, weight: 
                             lora_B: Tensor, h: Tensor, scale: float, dropout_p: float, seed: Tensor | None,
                             need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dg, du, dbias, dA, dB); dbias is empty when not asked for."""
-    act_fwd, act_bwd = GATED_ACTIVATIONS[act]
-    act_g = act_fwd(g)
-    z = act_g * u
-    dz, _, dbias, d_a, d_b = _backward(dy.reshape(-1, dy.shape[-1]), z.reshape(-1, z.shape[-1]), weight, lora_A,
-                                       lora_B, h, scale, dropout_p, seed, (True, False, need_bias, True, True))
-    dz = dz.reshape(g.shape).to(g.dtype)
-    return act_bwd(dz * u, g), dz * act_g, weight.new_empty(0) if dbias is None else dbias, d_a, d_b
+    dg, du, _, dbias, d_a, d_b = _gated_node_backward(dy, g, u, act, weight, lora_A, lora_B, h, scale, dropout_p,
+                                                      seed, (True, True, False, need_bias, True, True))
+    return dg, du, weight.new_empty(0) if dbias is None else dbias, d_a, d_b
 
 
 @_gated_down_backward_op.register_fake
