@@ -85,7 +85,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     return out
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp) on a temporary file beside `path`, then rename it to `path`: an interrupted
+    write never leaves a partial file under the final name (and the temporary one is removed)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
@@ -122,9 +124,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         data["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
     return directory
 
 

@@ -11,7 +11,6 @@ the input row with the results added.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import time
@@ -27,7 +26,14 @@ from torch import nn
 
 import lorakit
 from lorakit import data, train
-from lorakit.checkpoint import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_config, read_json_object
+from lorakit.checkpoint import (
+    CONFIG_NAME,
+    PREFIX,
+    WEIGHTS_NAME,
+    atomic_write,
+    read_config,
+    read_json_object,
+)
 from lorakit.inject import SEQ_CLS_HEADS, check_adapter_name
 
 TASK_TYPES = {"SEQ_CLS": "seq-cls", "CAUSAL_LM": "causal-lm"}  # adapter_config.json's task_type -> task
@@ -252,15 +258,11 @@ def run_batches(model: nn.Module, rows: list[dict[str, Any]], names: list[str | 
         write(sys.stdout)
         sys.stdout.flush()
         return len(starts)
-    out = Path(output)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # renamed once complete: no half-written output
-    try:
+    def write_file(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             write(f)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    atomic_write(Path(output), write_file)  # renamed once complete: no half-written output
     return len(starts)
 
 

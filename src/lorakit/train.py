@@ -43,6 +43,7 @@ from torch import nn
 
 import lorakit
 from lorakit import data, distributed
+from lorakit.checkpoint import atomic_write
 
 TASKS = ("seq-cls", "causal-lm")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -390,9 +391,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    pointer = root / ".latest.tmp"
-    pointer.write_text(final.name + "\n")
-    os.replace(pointer, root / "latest")
+    atomic_write(root / "latest", lambda tmp: Path(tmp).write_text(final.name + "\n"))
     for old in root.glob("step-*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
@@ -736,9 +735,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(".metrics.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in keep)))
 
 
 def finish(s: Session, summary: dict[str, Any], stats: dict[str, Any], started: float) -> RunResult:
@@ -799,7 +796,7 @@ def plot_losses(metrics_path: Path, out_path: Path) -> None:
     ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
-    tmp = out_path.with_name(".loss.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out_path)
+    try:
+        atomic_write(out_path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
