@@ -146,11 +146,16 @@ class LoraLayer(nn.Module):
 
     # -- mixed batches ---------------------------------------------------------------------
 
+    def check_routable(self) -> None:
+        if self.merged_adapters:
+            raise RuntimeError("a merged model cannot run a mixed batch; unmerge(model) first")
+
     def routed_delta(self, x: Tensor, result: Tensor, branch) -> Tensor:
         """result + each row's adapter branch, one adapter's rows at a time (differentiable).
 
         `branch(name, x_rows)` gives the LoRA term of adapter `name` for those rows.
         """
+        self.check_routable()
         if self.disabled:
             return result
         route = self.route
@@ -248,8 +253,7 @@ class LoraLinear(LoraLayer):
             x2 = x.reshape(-1, x.shape[-1])
             y2 = ops.multi.dense_expand_add_(F.linear(x2, weight, bias), x2, a_cat, b_cat, mask)
             return y2.view(*x.shape[:-1], self.out_features)
-        if self.merged_adapters:
-            raise RuntimeError("a merged model cannot run a mixed batch; unmerge(model) first")
+        self.check_routable()
         route = self.route
         names = [n for n in route.names if n in self.A_table]
         differentiable = torch.is_grad_enabled() or (self.training and any(self.lora_dropout[n] for n in names))
@@ -334,8 +338,6 @@ class LoraEmbedding(LoraLayer):
     def forward(self, ids: Tensor, *args, **kwargs) -> Tensor:
         result = self.base_layer(ids, *args, **kwargs)
         if self.route is not None:
-            if self.merged_adapters:
-                raise RuntimeError("a merged model cannot run a mixed batch; unmerge(model) first")
             return self.routed_delta(ids, result, self._branch)
         for name in self.unmerged_active():
             result = result + self._branch(name, ids).to(result.dtype)
@@ -368,8 +370,6 @@ class LoraConv2d(LoraLayer):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.route is not None:
-            if self.merged_adapters:
-                raise RuntimeError("a merged model cannot run a mixed batch; unmerge(model) first")
             return self.routed_delta(x, result, self._branch)
         for name in self.unmerged_active():
             result = result + self._branch(name, x).to(result.dtype)
