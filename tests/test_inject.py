@@ -65,6 +65,20 @@ def test_freezing_and_modules_to_save():
     assert not m.score.original_module.weight.requires_grad
 
 
+def test_injected_layers_keep_the_model_s_eval_mode():
+    # A model put in eval mode before injection must not train-mode its new layers: dropout
+    # would then apply at inference. Here dropout 0.5 would change the output if it did.
+    model = tiny_llama_seq_cls().eval()
+    ids = input_ids()
+    lorakit.inject(model, LoraConfig(r=4, target_modules=LLAMA_TARGETS, lora_dropout=0.5, task_type="SEQ_CLS",
+                                     init_lora_weights=False))
+    assert not any(m.training for m in model.modules())
+    with torch.no_grad():
+        first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert torch.equal(first, second)
+    assert all(m.training for m in model.train().modules())
+
+
 @pytest.mark.parametrize("mode,expected", [("none", 0), ("lora_only", 4), ("all", None)])
 def test_bias_modes(mode, expected):
     m = lorakit.inject(tiny_bert_seq_cls(), LoraConfig(r=2, target_modules=["query", "value"], bias=mode))

@@ -45,6 +45,7 @@ class LoraLayer(nn.Module):
         self.base_layer = base_layer
         self.add_module(self.a_name, nn.ParameterDict())
         self.add_module(self.b_name, nn.ParameterDict())
+        self.train(base_layer.training)  # a model put in eval mode before injection stays in eval mode
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -245,9 +246,9 @@ class LoraLinear(LoraLayer):
     def _routed_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         """Each batch row (dim 0 of x) with its own adapter or none."""
         plan = self._plan
-        if (plan is not None and plan[0] is self.route and plan[1] == (x.shape, x.dtype) and not args and not kwargs
-                and not (torch.is_grad_enabled() or self.training or self.disabled or self.merged_adapters
-                         or torch.is_autocast_enabled(x.device.type))):
+        if (plan is not None and plan[0] is self.route and plan[1] == (x.shape, x.dtype, self.training) and not args
+                and not kwargs and not (torch.is_grad_enabled() or self.disabled or self.merged_adapters
+                                        or torch.is_autocast_enabled(x.device.type))):
             # decode: every step repeats the last step's shapes; skip the bookkeeping below
             _, _, weight, bias, a_cat, b_cat, mask = plan
             x2 = x.reshape(-1, x.shape[-1])
@@ -278,7 +279,7 @@ class LoraLinear(LoraLayer):
             a_cat, b_cat = self.stacked(route, tuple(names), x.dtype, x.device, dense=True)
             y = ops.multi.dense_expand_add_(y2, x2, a_cat, b_cat, mask)
             if plain:
-                self._plan = (route, (x.shape, x.dtype), weight, base.bias, a_cat, b_cat, mask)
+                self._plan = (route, (x.shape, x.dtype, self.training), weight, base.bias, a_cat, b_cat, mask)
         elif plain:
             y = ops.multi.multi_lora_linear(x3, weight, base.bias, a_stack, b_stack, row_adapter)
         else:
@@ -404,6 +405,7 @@ class ModulesToSave(nn.Module):
         super().__init__()
         self.original_module = original_module
         self.modules_to_save = nn.ModuleDict()
+        self.train(original_module.training)
         self.active_adapter: str | None = None
         self.disabled = False
         self.route: Route | None = None  # set by `lorakit.route`
