@@ -2,8 +2,14 @@
 
 What it saves for backward is x itself (the very tensor the layer was given, so
 layers fed the same tensor — q/k/v, gate/up — share one saved copy), the small
-h = dropout(x)·Aᵀ (tokens × r), and, with dropout, an integer seed instead of the
+h = s·dropout(x)·Aᵀ (tokens × r), A and B as cast to the compute dtype in forward (so
+backward does not cast them again), and, with dropout, an integer seed instead of the
 mask or the dropped input: backward regenerates the identical mask from the seed.
+
+The scale s rides in GEMM epilogues (h, dA) and the adapter gradients of float32
+adapters under half-precision compute come out of their GEMM in float32 where the
+library can write it (CUDA): no separate scale or cast kernels, since the eager step
+is bound by the host issuing small kernels (benchmarks/RESULTS.md).
 
 Without dropout, forward and the input gradient use W_eff = W + s·B·A: building it
 costs two weight-sized passes, fewer bytes than the two activation-sized passes of
@@ -57,9 +63,52 @@ def _kernels(t: Tensor) -> bool:
     return tk.triton_usable(t) and (t.is_cuda or _KERNELS_ON_CPU) and t.numel() <= tk.MAX_MASK_ELEMENTS
 
 
+_MM_OUT_DTYPE: dict[torch.device, bool] = {}  # per device: whether addmm can write float32 from half inputs
+
+
+def _mm_out_dtype_ok(device: torch.device) -> bool:
+    """Whether this torch can run addmm with out_dtype=float32 on half inputs on `device` (CUDA only),
+    checked once per device against the two-step result."""
+    ok = _MM_OUT_DTYPE.get(device)
+    if ok is None:
+        ok = False
+        if device.type == "cuda":
+            try:
+                m1 = torch.randn(5, 24, device=device, dtype=torch.bfloat16)
+                m2 = torch.randn(24, 7, device=device, dtype=torch.bfloat16)
+                got = torch.addmm(m1.new_empty((), dtype=torch.float32), m1, m2, out_dtype=torch.float32, beta=0,
+                                  alpha=0.5)
+                ok = got.dtype == torch.float32 and torch.allclose(got, 0.5 * (m1.float() @ m2.float()), rtol=1e-3,
+                                                                   atol=1e-3)
+            except (RuntimeError, TypeError):
+                ok = False
+        _MM_OUT_DTYPE[device] = ok
+    return ok
+
+
+def _scaled_mm(m1: Tensor, m2: Tensor, scale: float, dtype: torch.dtype | None = None) -> Tensor:
+    """scale·m1·m2 in `dtype` (default m1's) with the scale applied in the GEMM's epilogue.
+
+    Half inputs with a float32 result (adapter gradients of float32 adapters) come out
+    of one GEMM where the library can write float32 directly, else GEMM then cast.
+    """
+    dtype = dtype or m1.dtype
+    if scale == 1.0 and dtype == m1.dtype:
+        return m1 @ m2
+    if dtype == m1.dtype:
+        return torch.addmm(m1.new_empty(()), m1, m2, beta=0, alpha=scale)  # beta=0: the first argument is not read
+    if (dtype == torch.float32 and m1.dtype in (torch.float16, torch.bfloat16) and m1.is_cuda
+            and not torch.compiler.is_compiling() and _mm_out_dtype_ok(m1.device)):
+        return torch.addmm(m1.new_empty((), dtype=dtype), m1, m2, out_dtype=dtype, beta=0, alpha=scale)
+    return _scaled_mm(m1, m2, scale).to(dtype)
+
+
 def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scale: float,
-             p: float, seed: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(y, h) for x2 (T, in): y = x·Wᵀ + b + s·h·Bᵀ with h = dropout(x)·Aᵀ (T, r)."""
+             p: float, seed: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, h, a, b) for x2 (T, in): y = x·Wᵀ + b + h·Bᵀ with h = s·dropout(x)·Aᵀ (T, r).
+
+    a and b are A and B in x's dtype; backward reuses them instead of casting again.
+    """
     ct = x2.dtype
     n_out, n_in = weight.shape
     a, b = lora_A.to(ct), lora_B.to(ct)
@@ -68,18 +117,22 @@ def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lo
     if p == 0.0:
         w_eff = torch.empty(n_out, n_in, dtype=ct, device=x2.device)  # (out, in)
         tk.build_w_eff(weight, a, b, scale, out=w_eff, use_kernel=kernels)
-        return torch.nn.functional.linear(x2, w_eff, bias), x2 @ a.T  # (T, out), (T, r)
+        return torch.nn.functional.linear(x2, w_eff, bias), _scaled_mm(x2, a.T, scale), a, b  # (T, out), (T, r)
     y = torch.nn.functional.linear(x2, weight.to(ct), bias)
     if kernels:
-        h = tk.masked_shrink(x2, a, p, seed)  # (T, r), mask made and dropped in-kernel
+        h = tk.masked_shrink(x2, a, p, seed, scale)  # (T, r), mask made and dropped in-kernel
     else:
-        h = (x2 * _dropout_mask(x2.shape, p, seed, x2.device, ct)) @ a.T
-    return torch.addmm(y, h, b.T, alpha=scale), h  # (T, out)
+        h = _scaled_mm(x2 * _dropout_mask(x2.shape, p, seed, x2.device, ct), a.T, scale)
+    return y.addmm_(h, b.T), h, a, b  # (T, out)
 
 
 def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor, scale: float,
-              p: float, seed: Tensor | None, needs: tuple[bool, ...]):
-    """Gradients (dx, dW, dbias, dA, dB) of `_forward`; `needs` says which are wanted, in that order."""
+              p: float, seed: Tensor | None, needs: tuple[bool, ...], a_dtype: torch.dtype, b_dtype: torch.dtype):
+    """Gradients (dx, dW, dbias, dA, dB) of `_forward`; `needs` says which are wanted, in that order.
+
+    lora_A / lora_B may be the adapter or the copies `_forward` made in the compute dtype;
+    dA and dB come out in `a_dtype` / `b_dtype`, the adapter's own.
+    """
     need_dx, need_w, need_bias, need_a, need_b = needs
     ct = dy2.dtype
     n_out, n_in = weight.shape
@@ -100,14 +153,13 @@ def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: T
             dx.addcmul_(dyb @ a, _dropout_mask(x2.shape, p, seed, x2.device, ct), value=scale)
     if need_a:
         if p == 0.0:
-            d_a = dyb.T @ x2
+            d_a = _scaled_mm(dyb.T, x2, scale, a_dtype)  # (r, in)
         elif kernels:
-            d_a = tk.masked_grad_a(dyb, x2, p, seed)
+            d_a = tk.masked_grad_a(dyb, x2, p, seed, scale).to(a_dtype)
         else:
-            d_a = dyb.T @ (x2 * _dropout_mask(x2.shape, p, seed, x2.device, ct))
-        d_a = (d_a * scale).to(lora_A.dtype)  # (r, in)
+            d_a = _scaled_mm(dyb.T, x2 * _dropout_mask(x2.shape, p, seed, x2.device, ct), scale, a_dtype)
     if need_b:
-        d_b = (dy2.T @ h.to(ct)).mul_(scale).to(lora_B.dtype)  # (out, r)
+        d_b = _scaled_mm(dy2.T, h.to(ct), 1.0, b_dtype)  # (out, r); h already carries s
     if need_w:
         dweight = (dy2.T @ x2).to(weight.dtype)
     if need_bias:
@@ -116,17 +168,18 @@ def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: T
 
 
 def _linear_node_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                         scale: float, p: float, seed: Tensor | None) -> tuple[Tensor, Tensor]:
-    """`_forward` for x (..., in): (y (..., out), h (T, r))."""
-    y, h = _forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scale, p, seed)
-    return y.reshape(*x.shape[:-1], y.shape[-1]), h
+                         scale: float, p: float, seed: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`_forward` for x (..., in): (y (..., out), h (T, r), a, b)."""
+    y, h, a, b = _forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scale, p, seed)
+    return y.reshape(*x.shape[:-1], y.shape[-1]), h, a, b
 
 
 def _linear_node_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor,
-                          scale: float, p: float, seed: Tensor | None, needs: tuple[bool, ...]):
+                          scale: float, p: float, seed: Tensor | None, needs: tuple[bool, ...],
+                          a_dtype: torch.dtype, b_dtype: torch.dtype):
     """`_backward` for dy (..., out): (dx in x's shape and dtype, dW, dbias, dA, dB), None where not wanted."""
     dx, dw, dbias, d_a, d_b = _backward(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight, lora_A,
-                                        lora_B, h, scale, p, seed, needs)
+                                        lora_B, h, scale, p, seed, needs, a_dtype, b_dtype)
     if dx is not None:
         dx = dx.reshape(x.shape).to(x.dtype)
     return dx, dw, dbias, d_a, d_b
@@ -139,18 +192,18 @@ class LoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                 scale: float, dropout_p: float, seed: Tensor | None) -> Tensor:
         # x (..., in), weight (out, in), lora_A (r, in), lora_B (out, r)
-        y, h = _linear_node_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, h, seed)
-        ctx.scale, ctx.dropout_p = scale, dropout_p
+        y, h, a, b = _linear_node_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+        ctx.save_for_backward(x, weight, a, b, h, seed)
+        ctx.scale, ctx.dropout_p, ctx.dtypes = scale, dropout_p, (lora_A.dtype, lora_B.dtype)
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
+        x, weight, a, b, h, seed = ctx.saved_tensors
         n = ctx.needs_input_grad
-        grads = _linear_node_backward(dy, x, weight, lora_A, lora_B, h, ctx.scale, ctx.dropout_p, seed,
-                                      (n[0], n[1], ctx.has_bias and n[2], n[3], n[4]))
+        grads = _linear_node_backward(dy, x, weight, a, b, h, ctx.scale, ctx.dropout_p, seed,
+                                      (n[0], n[1], ctx.has_bias and n[2], n[3], n[4]), *ctx.dtypes)
         return *grads, None, None, None
 
 
@@ -164,21 +217,23 @@ GATED_ACTIVATIONS = {
 
 
 def _gated_node_forward(g: Tensor, u: Tensor, act: str, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
-                        lora_B: Tensor, scale: float, p: float, seed: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(down(act(g) ⊙ u) (..., out), h (T, r)); the product is freed on return."""
+                        lora_B: Tensor, scale: float, p: float, seed: Tensor | None
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(down(act(g) ⊙ u) (..., out), h (T, r), a, b) as `_forward` gives them; the product is freed on return."""
     z = GATED_ACTIVATIONS[act][0](g) * u  # (..., width)
     return _linear_node_forward(z, weight, bias, lora_A, lora_B, scale, p, seed)
 
 
 def _gated_node_backward(dy: Tensor, g: Tensor, u: Tensor, act: str, weight: Tensor, lora_A: Tensor,
                          lora_B: Tensor, h: Tensor, scale: float, p: float, seed: Tensor | None,
-                         needs: tuple[bool, ...]):
+                         needs: tuple[bool, ...], a_dtype: torch.dtype, b_dtype: torch.dtype):
     """(dg, du, dW, dbias, dA, dB) of `_gated_node_forward`, recomputing act(g) ⊙ u; None where not wanted."""
     need_g, need_u, need_w, need_bias, need_a, need_b = needs
     act_fwd, act_bwd = GATED_ACTIVATIONS[act]
     act_g = act_fwd(g)
     dz, dw, dbias, d_a, d_b = _linear_node_backward(dy, act_g * u, weight, lora_A, lora_B, h, scale, p, seed,
-                                                    (need_g or need_u, need_w, need_bias, need_a, need_b))
+                                                    (need_g or need_u, need_w, need_bias, need_a, need_b),
+                                                    a_dtype, b_dtype)
     du = dz * act_g if need_u else None
     dg = act_bwd(dz * u, g) if need_g else None
     return dg, du, dw, dbias, d_a, d_b
@@ -195,19 +250,20 @@ class GatedDownFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g: Tensor, u: Tensor, act: str, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
                 lora_B: Tensor, scale: float, dropout_p: float, seed: Tensor | None) -> Tensor:
-        y, h = _gated_node_forward(g, u, act, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
-        ctx.save_for_backward(g, u, weight, lora_A, lora_B, h, seed)
-        ctx.act, ctx.scale, ctx.dropout_p = act, scale, dropout_p
+        y, h, a, b = _gated_node_forward(g, u, act, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+        ctx.save_for_backward(g, u, weight, a, b, h, seed)
+        ctx.act, ctx.scale, ctx.dropout_p, ctx.dtypes = act, scale, dropout_p, (lora_A.dtype, lora_B.dtype)
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        g, u, weight, lora_A, lora_B, h, seed = ctx.saved_tensors
+        g, u, weight, a, b, h, seed = ctx.saved_tensors
         n = ctx.needs_input_grad
-        dg, du, dw, dbias, d_a, d_b = _gated_node_backward(dy, g, u, ctx.act, weight, lora_A, lora_B, h, ctx.scale,
+        dg, du, dw, dbias, d_a, d_b = _gated_node_backward(dy, g, u, ctx.act, weight, a, b, h, ctx.scale,
                                                            ctx.dropout_p, seed,
-                                                           (n[0], n[1], n[3], ctx.has_bias and n[4], n[5], n[6]))
+                                                           (n[0], n[1], n[3], ctx.has_bias and n[4], n[5], n[6]),
+                                                           *ctx.dtypes)
         return dg, du, None, dw, dbias, d_a, d_b, None, None, None
 
 
@@ -226,7 +282,7 @@ COMPILE_AS_CUSTOM_OPS = os.environ.get("LORAKIT_COMPILE_CUSTOM_OPS", "0").strip(
 @torch.library.custom_op("lorakit::lora_linear", mutates_args=())
 def _lora_linear_op(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scale: float,
                     dropout_p: float, seed: Tensor | None) -> tuple[Tensor, Tensor]:
-    return _linear_node_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+    return _linear_node_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)[:2]
 
 
 @_lora_linear_op.register_fake
@@ -241,7 +297,7 @@ def _lora_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tens
                              need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dbias, dA, dB); dx and dbias are empty when not asked for."""
     dx, _, dbias, d_a, d_b = _linear_node_backward(dy, x, weight, lora_A, lora_B, h, scale, dropout_p, seed,
-                                                   (need_dx, False, need_bias, True, True))
+                                                   (need_dx, False, need_bias, True, True), lora_A.dtype, lora_B.dtype)
     return x.new_empty(0) if dx is None else dx, weight.new_empty(0) if dbias is None else dbias, d_a, d_b
 
 
@@ -271,7 +327,7 @@ _lora_linear_op.register_autograd(_lora_linear_grad, setup_context=_lora_linear_
 @torch.library.custom_op("lorakit::gated_down", mutates_args=())
 def _gated_down_op(g: Tensor, u: Tensor, act: str, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
                    lora_B: Tensor, scale: float, dropout_p: float, seed: Tensor | None) -> tuple[Tensor, Tensor]:
-    return _gated_node_forward(g, u, act, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+    return _gated_node_forward(g, u, act, weight, bias, lora_A, lora_B, scale, dropout_p, seed)[:2]
 
 
 @_gated_down_op.register_fake
@@ -286,7 +342,8 @@ def _gated_down_backward_op(dy: Tensor, g: Tensor, u: Tensor, act: str, weight: 
                             need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dg, du, dbias, dA, dB); dbias is empty when not asked for."""
     dg, du, _, dbias, d_a, d_b = _gated_node_backward(dy, g, u, act, weight, lora_A, lora_B, h, scale, dropout_p,
-                                                      seed, (True, True, False, need_bias, True, True))
+                                                      seed, (True, True, False, need_bias, True, True),
+                                                      lora_A.dtype, lora_B.dtype)
     return dg, du, weight.new_empty(0) if dbias is None else dbias, d_a, d_b
 
 

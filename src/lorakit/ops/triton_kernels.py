@@ -133,10 +133,10 @@ if triton is not None:
         tl.store(OUT + rt[:, None] * n_in + rn[None, :], keep.to(tl.int8), mask=ok)
 
     @triton.jit
-    def _masked_shrink_kernel(X, A, H, T, n_in, r, SEED, p, inv_keep,
+    def _masked_shrink_kernel(X, A, H, T, n_in, r, SEED, p, mult,
                               s_x0, s_x1, s_a0, s_a1, s_h0, s_h1,
                               BT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
-        # H[t, :] = Σ_i dropout(X)[t, i] · A[:, i]; one block of BT rows per program.
+        # H[t, :] = Σ_i mult·keep(t, i)·X[t, i] · A[:, i], mult = s/(1-p); one block of BT rows per program.
         rt = tl.program_id(0) * BT + tl.arange(0, BT)
         rr = tl.arange(0, BR)
         acc = tl.zeros((BT, BR), dtype=tl.float32)
@@ -145,7 +145,7 @@ if triton is not None:
             ok = (rt[:, None] < T) & (rk[None, :] < n_in)
             x = tl.load(X + rt[:, None] * s_x0 + rk[None, :] * s_x1, mask=ok, other=0.0)
             keep = _keep(tl.load(SEED), rt, rk, n_in, p)
-            x = tl.where(keep, x * inv_keep, 0.0).to(X.dtype.element_ty)
+            x = tl.where(keep, x * mult, 0.0).to(X.dtype.element_ty)
             a = tl.load(A + rr[None, :] * s_a0 + rk[:, None] * s_a1, mask=(rr[None, :] < r) & (rk[:, None] < n_in),
                         other=0.0)  # (BK, BR) = Aᵀ tile
             if IEEE:
@@ -156,10 +156,10 @@ if triton is not None:
                  mask=(rt[:, None] < T) & (rr[None, :] < r))
 
     @triton.jit
-    def _masked_grad_a_kernel(DYB, X, PART, T, n_in, r, SEED, p, inv_keep, rows_per_split,
+    def _masked_grad_a_kernel(DYB, X, PART, T, n_in, r, SEED, p, mult, rows_per_split,
                               s_d0, s_d1, s_x0, s_x1,
                               BT: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
-        # PART[split, :, n] = Σ_{t in split} DYB[t, :]ᵀ · dropout(X)[t, n]
+        # PART[split, :, n] = Σ_{t in split} DYB[t, :]ᵀ · mult·keep(t, n)·X[t, n], mult = s/(1-p)
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
         rn = pid_n * BN + tl.arange(0, BN)
@@ -172,7 +172,7 @@ if triton is not None:
             x = tl.load(X + rt[:, None] * s_x0 + rn[None, :] * s_x1, mask=t_ok[:, None] & (rn[None, :] < n_in),
                         other=0.0)
             keep = _keep(tl.load(SEED), rt, rn, n_in, p)
-            x = tl.where(keep, x * inv_keep, 0.0).to(X.dtype.element_ty)
+            x = tl.where(keep, x * mult, 0.0).to(X.dtype.element_ty)
             d = tl.load(DYB + rr[:, None] * s_d1 + rt[None, :] * s_d0, mask=(rr[:, None] < r) & t_ok[None, :],
                         other=0.0)  # (BR, BT) = DYBᵀ tile
             if IEEE:
@@ -230,20 +230,20 @@ def dropout_keep_mask(shape: tuple[int, int], p: float, seed: int | Tensor, devi
     return out.bool()
 
 
-def masked_shrink(x2: Tensor, lora_A: Tensor, p: float, seed: int | Tensor) -> Tensor:
-    """h = dropout(x)·Aᵀ with the seed's mask: x2 (T, in), A (r, in) in x's dtype -> (T, r)."""
+def masked_shrink(x2: Tensor, lora_A: Tensor, p: float, seed: int | Tensor, scale: float = 1.0) -> Tensor:
+    """h = s·dropout(x)·Aᵀ with the seed's mask: x2 (T, in), A (r, in) in x's dtype -> (T, r)."""
     T, n_in = x2.shape
     r = lora_A.shape[0]
     h = torch.empty(T, r, dtype=x2.dtype, device=x2.device)
     bt, bk = 64, 64
     _masked_shrink_kernel[(triton.cdiv(T, bt),)](
-        x2, lora_A, h, T, n_in, r, seed_tensor(seed, x2.device), p, 1.0 / (1.0 - p), x2.stride(0), x2.stride(1), lora_A.stride(0),
+        x2, lora_A, h, T, n_in, r, seed_tensor(seed, x2.device), p, scale / (1.0 - p), x2.stride(0), x2.stride(1), lora_A.stride(0),
         lora_A.stride(1), h.stride(0), h.stride(1), BT=bt, BK=bk, BR=_br(r), IEEE=_ieee(x2))
     return h
 
 
-def masked_grad_a(dyb: Tensor, x2: Tensor, p: float, seed: int | Tensor) -> Tensor:
-    """dyBᵀ·dropout(x) in float32: dyb (T, r), x2 (T, in) -> (r, in)."""
+def masked_grad_a(dyb: Tensor, x2: Tensor, p: float, seed: int | Tensor, scale: float = 1.0) -> Tensor:
+    """s·dyBᵀ·dropout(x) in float32: dyb (T, r), x2 (T, in) -> (r, in)."""
     T, n_in = x2.shape
     r = dyb.shape[1]
     bt, bn = 64, 64
@@ -254,7 +254,7 @@ def masked_grad_a(dyb: Tensor, x2: Tensor, p: float, seed: int | Tensor) -> Tens
     splits = triton.cdiv(T, rows)
     part = torch.empty(splits, r, n_in, dtype=torch.float32, device=x2.device)
     _masked_grad_a_kernel[(n_blocks, splits)](
-        dyb, x2, part, T, n_in, r, seed_tensor(seed, x2.device), p, 1.0 / (1.0 - p), rows, dyb.stride(0), dyb.stride(1),
+        dyb, x2, part, T, n_in, r, seed_tensor(seed, x2.device), p, scale / (1.0 - p), rows, dyb.stride(0), dyb.stride(1),
         x2.stride(0), x2.stride(1), BT=bt, BN=bn, BR=_br(r), IEEE=_ieee(x2))
     return part.sum(0)
 
