@@ -8,9 +8,14 @@ one after another in this one process on the same inputs:
   base, lorakit merged, lorakit one adapter unmerged, lorakit 16 distinct adapters (one per
   row, `lorakit.route`), PEFT one adapter unmerged, PEFT 16 adapters (`adapter_names=`);
 - decode with a KV cache, batch 64 (16 adapters, 4 rows each), 128 new tokens after a
-  32-token prompt, greedy: time per step for base, lorakit mixed and PEFT mixed.
+  32-token prompt, greedy: time per step for base, lorakit mixed and PEFT mixed;
+- the same decode with each step replayed from one CUDA graph (static KV cache), for base
+  and lorakit mixed: the GPU's own cost of a step, with no host launches.
 
-Times: medians of repeats after warm-up, CUDA-synchronised wall clock.
+Each run has its own copy of the model (base, lorakit with 16 adapters, lorakit merged,
+PEFT). Times: medians after warm-up, CUDA-synchronised wall clock; the runs of each kind
+are interleaved round by round, so that slow drift of the GPU's clocks over the run
+falls on all of them alike.
 
     PYTHONPATH=src python benchmarks/infer.py [--json out.json]
 """
@@ -24,31 +29,41 @@ import sys
 import time
 
 import torch
+from train_step import llama_1b_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_ADAPTERS = 16
+DEVICE = "cuda"
 
 
 def build_base():
-    from train_step import llama_1b_config
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(DEVICE):
         return LlamaForCausalLM(llama_1b_config()).to(torch.bfloat16).eval()
 
 
-def timed(fn, warm: int, reps: int) -> float:
-    """Median seconds of `fn()` over `reps` after `warm` calls."""
-    times = []
-    for i in range(warm + reps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        if i >= warm:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def timed(fns: dict, warm: int, reps: int, rounds: int = 5) -> dict:
+    """Median seconds of each `fns[name]()`, the runs interleaved: `rounds` rounds, each
+    timing every function `reps // rounds` times in turn, after `warm` calls of each.
+
+    Interleaving spreads slow drift (clocks, temperature) over every run alike instead of
+    charging it to whichever ran last.
+    """
+    for fn in fns.values():
+        for _ in range(warm):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(max(1, reps // rounds)):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn()
+                torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def prefill(model, ids, **kw):
@@ -56,25 +71,56 @@ def prefill(model, ids, **kw):
         return model(input_ids=ids, logits_to_keep=1, use_cache=False, **kw).logits
 
 
-def decode_step_time(model, prompt, steps: int, **kw) -> float:
+def decode_run(model, prompt, steps: int, **kw) -> float:
     """Seconds per decode step: a prompt prefill, then `steps` one-token steps with the KV cache."""
     from transformers import DynamicCache
 
-    def run(n):
-        with torch.no_grad():
-            cache = DynamicCache()
-            out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1, **kw)
+    with torch.no_grad():
+        cache = DynamicCache()
+        out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1, **kw)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = model(input_ids=nxt, past_key_values=cache, use_cache=True, **kw)
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(n):
-                out = model(input_ids=nxt, past_key_values=cache, use_cache=True, **kw)
-                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            torch.cuda.synchronize()
-            return (time.perf_counter() - t0) / n
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / steps
 
-    run(4)
-    return statistics.median(run(steps) for _ in range(3))
+
+def graphed_decode_run(model, prompt, steps: int, warm: int = 3) -> float:
+    """Seconds per decode step when each step is replayed from one CUDA graph (static KV cache):
+    what the step's kernels cost on the GPU with no host launches."""
+    from transformers import StaticCache
+
+    n = prompt.shape[1]
+    with torch.no_grad():
+        cache = StaticCache(config=model.config, max_cache_len=n + warm + steps + 2)
+        pos = torch.arange(n, device=prompt.device)
+        out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1, cache_position=pos)
+        ids = out.logits[:, -1].argmax(-1, keepdim=True)
+        pos = torch.tensor([n], device=prompt.device)
+
+        def step():
+            logits = model(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=pos).logits
+            ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
+            pos.add_(1)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warm):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            graph.replay()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / steps
 
 
 def main() -> None:
@@ -83,6 +129,7 @@ def main() -> None:
     parser.add_argument("--decode-steps", type=int, default=128)
     parser.add_argument("--peft-decode-steps", type=int, default=32, help="PEFT's mixed decode is slow; fewer steps")
     parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument("--skip-graphs", action="store_true", help="leave out the CUDA-graph decode rows")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     import transformers
@@ -91,9 +138,10 @@ def main() -> None:
 
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} transformers {transformers.__version__}",
           file=sys.stderr)
-    g = torch.Generator(device="cuda").manual_seed(1)
-    ids = torch.randint(1, 128256, (16, 512), device="cuda", generator=g)
-    prompt = torch.randint(1, 128256, (64, 32), device="cuda", generator=g)
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    vocab = llama_1b_config().vocab_size
+    ids = torch.randint(1, vocab, (16, 512), device=DEVICE, generator=g)
+    prompt = torch.randint(1, vocab, (64, 32), device=DEVICE, generator=g)
     names = [f"a{i}" for i in range(N_ADAPTERS)]
     prefill_rows = names  # 16 rows, 16 distinct adapters
     decode_rows = [names[i % N_ADAPTERS] for i in range(64)]
@@ -103,54 +151,78 @@ def main() -> None:
         rows.append(dict(kind=kind, run=run, ms=1000 * seconds, **extra))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
 
-    model = build_base()
-    add("prefill", "base", timed(lambda: prefill(model, ids), 3, args.reps))
-    add("decode", "base", decode_step_time(model, prompt, args.decode_steps))
-
-    for _i, name in enumerate(names):
-        lorakit.inject(model, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS,
-                                                 init_lora_weights=False), name)
-    lorakit.set_adapter(model, names[0])
-    add("prefill", "lorakit 1 adapter unmerged", timed(lambda: prefill(model, ids), 3, args.reps))
+    base = build_base()
+    lk = build_base()
+    for name in names:
+        lorakit.inject(lk, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False),
+                       name)
+    lorakit.set_adapter(lk, names[0])
+    merged = build_base()
+    lorakit.inject(merged, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False))
+    lorakit.merge(merged, keep_original=False)
 
     def mixed_prefill():
-        with lorakit.route(model, prefill_rows):
-            prefill(model, ids)
+        with lorakit.route(lk, prefill_rows):
+            prefill(lk, ids)
 
-    add("prefill", "lorakit 16 adapters (route)", timed(mixed_prefill, 3, args.reps))
-
-    def mixed_decode():
-        with lorakit.route(model, decode_rows):
-            return decode_step_time(model, prompt, args.decode_steps)
-
-    add("decode", "lorakit 16 adapters (route)", mixed_decode())
-    lorakit.merge(model, names[0])
-    add("prefill", "lorakit merged", timed(lambda: prefill(model, ids), 3, args.reps))
-    lorakit.unmerge(model)
-    model = lorakit.unload(model, merge=False)
-
+    runs = {"base": lambda: prefill(base, ids), "lorakit merged": lambda: prefill(merged, ids),
+            "lorakit 1 adapter unmerged": lambda: prefill(lk, ids), "lorakit 16 adapters (route)": mixed_prefill}
+    pm = None
     if not args.skip_peft:
         import peft
 
         cfg = peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False)
-        pm = peft.get_peft_model(model, cfg, adapter_name=names[0])
+        pm = peft.get_peft_model(build_base(), cfg, adapter_name=names[0])
         for name in names[1:]:
             pm.add_adapter(name, cfg)
         pm.set_adapter(names[0])
         pm.eval()
-        add("prefill", "PEFT 1 adapter unmerged", timed(lambda: prefill(pm, ids), 3, args.reps))
+        runs["PEFT 1 adapter unmerged"] = lambda: prefill(pm, ids)
+    for run, seconds in timed(runs, 3, args.reps).items():
+        add("prefill", run, seconds)
+    if pm is not None:
         add("prefill", "PEFT 16 adapters (adapter_names)",
-            timed(lambda: prefill(pm, ids, adapter_names=prefill_rows), 2, max(3, args.reps // 4)))
+            timed({"peft": lambda: prefill(pm, ids, adapter_names=prefill_rows)}, 2, max(3, args.reps // 4),
+                  rounds=1)["peft"])
+
+    def mixed_decode(steps):
+        with lorakit.route(lk, decode_rows):
+            return decode_run(lk, prompt, steps)
+
+    decode_runs = {"base": lambda s: decode_run(base, prompt, s), "lorakit 16 adapters (route)": mixed_decode}
+    for fn in decode_runs.values():
+        fn(4)  # warm-up
+    samples = {run: [] for run in decode_runs}
+    for _ in range(3):  # interleaved, as in `timed`
+        for run, fn in decode_runs.items():
+            samples[run].append(fn(args.decode_steps))
+    for run, t in samples.items():
+        add("decode", run, statistics.median(t))
+    if pm is not None:
+        decode_run(pm, prompt, 2, adapter_names=decode_rows)
         add("decode", "PEFT 16 adapters (adapter_names)",
-            decode_step_time(pm, prompt, args.peft_decode_steps, adapter_names=decode_rows))
+            decode_run(pm, prompt, args.peft_decode_steps, adapter_names=decode_rows))
+
+    if not args.skip_graphs:
+        def graphed_mixed():
+            with lorakit.route(lk, decode_rows):
+                return graphed_decode_run(lk, prompt, args.decode_steps)
+
+        for run, fn in (("base", lambda: graphed_decode_run(base, prompt, args.decode_steps)),
+                        ("lorakit 16 adapters (route)", graphed_mixed)):
+            try:
+                add("decode, CUDA graph", run, fn())
+            except Exception as exc:  # say why and keep the other rows
+                print(f"# graphed decode of {run} failed: {type(exc).__name__}: {exc}"[:400], file=sys.stderr)
 
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    base = {r["kind"]: r["ms"] for r in rows if r["run"] == "base"}
-    print(f"\n{'work':<8} {'run':<36} {'ms':>9} {'× base':>7}")
+    base_ms = {r["kind"]: r["ms"] for r in rows if r["run"] == "base"}
+    print(f"\n{'work':<18} {'run':<36} {'ms':>9} {'× base':>7}")
     for r in rows:
-        print(f"{r['kind']:<8} {r['run']:<36} {r['ms']:>9.3f} {r['ms'] / base[r['kind']]:>7.2f}")
+        ratio = f"{r['ms'] / base_ms[r['kind']]:>7.2f}" if r["kind"] in base_ms else "      -"
+        print(f"{r['kind']:<18} {r['run']:<36} {r['ms']:>9.3f} {ratio}")
     print("(prefill: ms per forward of 16 × 512; decode: ms per step of 64 rows)")
 
 

@@ -10,6 +10,12 @@ shape and mode (eager or compiled).
 
     PYTHONPATH=src python benchmarks/train_step.py                   # eager, the main shape
     PYTHONPATH=src python benchmarks/train_step.py --modes eager,compiled   # also torch.compile of the whole model
+    PYTHONPATH=src python benchmarks/train_step.py --modes graphed   # the whole step replayed from one CUDA graph
+
+"graphed" captures forward, backward and the optimizer step of the eager model in one CUDA
+graph and times its replays: the host launches nothing per kernel, so the step costs
+what the GPU's kernels cost. Set against the eager rows it shows how much of a step is
+the host issuing kernels rather than the GPU running them.
     PYTHONPATH=src python benchmarks/train_step.py --shapes 16x512,4x2048 --ranks 16,64
 """
 
@@ -60,7 +66,8 @@ def build(method: str, r: int, dropout: float):
     return model
 
 
-def measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: bool, steps: int, warm: int) -> dict:
+def measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: bool | str, steps: int,
+            warm: int) -> dict:
     """One run. "lorakit-opaque" has torch.compile call lorakit's nodes as opaque custom ops
     (fused.COMPILE_AS_CUSTOM_OPS) instead of tracing through them."""
     from lorakit.ops import fused
@@ -73,21 +80,37 @@ def measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: bo
         fused.COMPILE_AS_CUSTOM_OPS = default
 
 
-def _measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: bool, steps: int, warm: int) -> dict:
+def _measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: bool | str, steps: int,
+             warm: int) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model = build(method, r, dropout)
     model.train()
-    if compiled:
+    if compiled is True:
         model = torch.compile(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True, capturable=compiled == "graphed")
     g = torch.Generator(device="cuda").manual_seed(1)
     ids = torch.randint(1, 128256, (bs, seq), device="cuda", generator=g)
     labels = torch.randint(0, 2, (bs,), device="cuda", generator=g)
-    times = []
     row = dict(method=method, bs=bs, seq=seq, r=r, dropout=dropout, compiled=compiled)
+    if compiled == "graphed":
+        try:
+            times = _graphed_times(model, opt, ids, labels, steps, warm)
+        except torch.OutOfMemoryError:
+            row.update(oom=True)
+            times = None
+        except Exception as exc:  # a model that cannot be captured: say why, keep the other rows
+            row.update(error=f"{type(exc).__name__}: {exc}"[:300])
+            times = None
+        if times:
+            step = statistics.median(times)
+            row.update(step_ms=1000 * step, tok_s=bs * seq / step, peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+                       spread_ms=1000 * (max(times) - min(times)))
+        del model, opt, params
+        return row
+    times = []
     try:
         for _ in range(warm + steps):
             torch.cuda.synchronize()
@@ -106,13 +129,43 @@ def _measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: b
     return row
 
 
+def _graphed_times(model, opt, ids, labels, steps: int, warm: int) -> list[float]:
+    """Seconds per replay of one CUDA graph holding forward, backward and the optimizer step."""
+
+    def step():
+        model(input_ids=ids, labels=labels).loss.backward()
+        opt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
+        for _ in range(warm):
+            opt.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        step()
+    times = []
+    for _ in range(warm + steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times[warm:]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="floor,lorakit,peft,full")
     parser.add_argument("--dropouts", default="0,0.1")
     parser.add_argument("--shapes", default="16x512")
     parser.add_argument("--ranks", default="16")
-    parser.add_argument("--modes", default="eager", help="eager, compiled (torch.compile of the whole model), or both")
+    parser.add_argument("--modes", default="eager",
+                        help="any of eager, compiled (torch.compile of the whole model) and graphed (the eager step "
+                             "captured in one CUDA graph), comma-separated")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warm", type=int, default=3)
     parser.add_argument("--json", default=None, help="write all rows here")
@@ -123,9 +176,10 @@ def main() -> None:
           file=sys.stderr)
     rows = []
     modes = args.modes.split(",")
-    if not set(modes) <= {"eager", "compiled"}:
-        parser.error(f"--modes takes eager and/or compiled, found {args.modes!r}")
-    for compiled, shape in [(m == "compiled", s) for m in modes for s in args.shapes.split(",")]:
+    if not set(modes) <= {"eager", "compiled", "graphed"}:
+        parser.error(f"--modes takes eager, compiled and/or graphed, found {args.modes!r}")
+    for compiled, shape in [({"eager": False, "compiled": True}.get(m, m), s) for m in modes
+                            for s in args.shapes.split(",")]:
         bs, seq = map(int, shape.split("x"))
         ranks = [int(r) for r in args.ranks.split(",")]
         for r in ranks:
@@ -148,10 +202,10 @@ def print_table(rows: list[dict]) -> None:
     print(f"\n{'run':<38} {'shape':>8} {'step ms':>8} {'tok/s':>8} {'peak GiB':>9} {'time/floor':>10} {'mem/floor':>9}")
     for r in rows:
         name = f"{r['method']}{' r=%d p=%g' % (r['r'], r['dropout']) if r['method'] not in ('floor', 'full') else ''}"
-        name += " (compiled)" if r["compiled"] else ""
+        name += {True: " (compiled)", "graphed": " (graphed)"}.get(r["compiled"], "")
         shape = f"{r['bs']}x{r['seq']}"
-        if r.get("oom"):
-            print(f"{name:<38} {shape:>8} {'OOM':>8}")
+        if r.get("oom") or r.get("error"):
+            print(f"{name:<38} {shape:>8} {'OOM' if r.get('oom') else 'failed: ' + r['error'][:60]:>8}")
             continue
         f = floors.get((r["bs"], r["seq"], r["compiled"]))
         tr = f"{r['step_ms'] / f['step_ms']:.2f}" if f else "-"
