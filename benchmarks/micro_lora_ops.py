@@ -5,7 +5,9 @@ the base GEMM x·Wᵀ, the same GEMM with r extra output rows ([W; A]), the shri
 building W + s·B·A, the input-gradient GEMM dy·W and dy·[W | B], and the weight-gradient
 pieces (dy·B)ᵀ·x and dyᵀ·h. Prints one row per shape.
 
-    python benchmarks/micro_lora_ops.py
+    python benchmarks/micro_lora_ops.py             # the pieces above
+    python benchmarks/micro_lora_ops.py --kernels   # lorakit's Triton kernels against torch
+    python benchmarks/micro_lora_ops.py --grads     # ways to get float32 adapter gradients
 """
 
 from __future__ import annotations
@@ -67,7 +69,27 @@ def kernels(T: int = 8192, r: int = 16) -> None:
         print(f"{name:<8} " + " ".join(f"{v:7.3f}" for v in row))
 
 
+def grads(T: int = 8192, r: int = 16) -> None:
+    """The adapter-gradient GEMMs of the fused path, written as float32 three ways: bf16 GEMM then
+    scale then cast (3 kernels), addmm with the scale in the epilogue then cast (2), and one
+    addmm with out_dtype=float32 (1, where torch supports it)."""
+    dev, dt = "cuda", torch.bfloat16
+    print(f"\n{'shape':<8} {'dA 3k':>7} {'dA 2k':>7} {'dA 1k':>7} {'dB 3k':>7} {'dB 2k':>7} {'dB 1k':>7}   (ms)")
+    for name, (fin, fout) in SHAPES.items():
+        x = torch.randn(T, fin, device=dev, dtype=dt)
+        dy = torch.randn(T, fout, device=dev, dtype=dt)
+        dyb = torch.randn(T, r, device=dev, dtype=dt)
+        h = torch.randn(T, r, device=dev, dtype=dt)
+        z32 = torch.empty((), device=dev)
+        row = []
+        for m1, m2 in ((dyb.T, x), (dy.T, h)):
+            row += [bench(lambda: (m1 @ m2).mul_(2.0).float()),
+                    bench(lambda: torch.addmm(m1.new_empty(()), m1, m2, beta=0, alpha=2.0).float()),
+                    bench(lambda: torch.addmm(z32, m1, m2, out_dtype=torch.float32, beta=0, alpha=2.0))]
+        print(f"{name:<8} " + " ".join(f"{v:7.3f}" for v in row))
+
+
 if __name__ == "__main__":
     import sys
 
-    kernels() if "--kernels" in sys.argv else main()
+    {"--kernels": kernels, "--grads": grads}.get(sys.argv[-1], main)()

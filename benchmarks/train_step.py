@@ -51,7 +51,7 @@ def build(method: str, r: int, dropout: float):
         model.requires_grad_(False)
         model.score.requires_grad_(True)
         model.enable_input_require_grads()
-    elif method in ("lorakit", "lorakit-opaque"):
+    elif method.startswith("lorakit"):
         import lorakit
 
         lorakit.inject(model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=TARGETS,
@@ -69,15 +69,17 @@ def build(method: str, r: int, dropout: float):
 def measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: bool | str, steps: int,
             warm: int) -> dict:
     """One run. "lorakit-opaque" has torch.compile call lorakit's nodes as opaque custom ops
-    (fused.COMPILE_AS_CUSTOM_OPS) instead of tracing through them."""
+    (fused.COMPILE_AS_CUSTOM_OPS) instead of tracing through them; "lorakit-keep-weff" keeps
+    W + s·B·A from forward for backward (fused.SAVE_W_EFF)."""
     from lorakit.ops import fused
 
-    default = fused.COMPILE_AS_CUSTOM_OPS
+    defaults = fused.COMPILE_AS_CUSTOM_OPS, fused.SAVE_W_EFF
     fused.COMPILE_AS_CUSTOM_OPS = method == "lorakit-opaque"
+    fused.SAVE_W_EFF = method == "lorakit-keep-weff"
     try:
         return _measure(method, bs, seq, r, dropout, compiled, steps, warm)
     finally:
-        fused.COMPILE_AS_CUSTOM_OPS = default
+        fused.COMPILE_AS_CUSTOM_OPS, fused.SAVE_W_EFF = defaults
 
 
 def _measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: bool | str, steps: int,

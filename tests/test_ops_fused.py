@@ -54,6 +54,50 @@ def test_fused_matches_reference(dtype, p, bias, shape, r):
         assert rel(g1, g2) < TOL[dtype]
 
 
+@pytest.mark.parametrize("save", [True, False], ids=["w_eff-kept", "w_eff-rebuilt"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kept_w_eff_gives_the_same_gradients_and_is_built_once(save, dtype, monkeypatch):
+    monkeypatch.setattr(fused, "SAVE_W_EFF", save)
+    builds = []
+    real = fused.tk.build_w_eff
+    monkeypatch.setattr(fused.tk, "build_w_eff", lambda *a, **k: builds.append(1) or real(*a, **k))
+    x, w, b, a, bb = inputs(dtype)
+    g = torch.randn(3, 5, 20, dtype=dtype, requires_grad=True)
+    u = torch.randn(3, 5, 20, dtype=dtype, requires_grad=True)
+    wd = torch.randn(16, 20, dtype=dtype)
+    ad = torch.randn(4, 20, dtype=dtype, requires_grad=True)
+    bd = torch.randn(16, 4, dtype=dtype, requires_grad=True)
+    y = fused.lora_linear(x, w, b, a, bb, 0.7) + fused.gated_down(g, u, "silu", wd, None, ad, bd, 0.7)[..., :12]
+    yr = ops.lora_linear(x, w, b, a, bb, 0.7) + ops.lora_linear(F.silu(g) * u, wd, None, ad, bd, 0.7)[..., :12]
+    dy = torch.randn_like(yr)
+    got = torch.autograd.grad(y, (x, a, bb, g, u, ad, bd), dy)
+    want = torch.autograd.grad(yr, (x, a, bb, g, u, ad, bd), dy)
+    assert rel(y, yr) < TOL[dtype]
+    for g1, g2 in zip(got, want):
+        assert rel(g1, g2) < TOL[dtype]
+    assert len(builds) == (2 if save else 4)  # one per node in forward, plus one per node in backward unless kept
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_half_compute_with_float32_adapters_gives_float32_gradients(p):
+    x, w, b, a, bb = inputs(torch.float64, shape=(4, 9, 32), out=24, r=8)
+    xh, wh, bh = x.detach().bfloat16().requires_grad_(), w.bfloat16(), b.bfloat16()
+    a32, b32 = a.detach().float().requires_grad_(), bb.detach().float().requires_grad_()
+    y = fused.lora_linear(xh, wh, bh, a32, b32, 0.5, p, training=True, seed=5)
+    mask = 1.0
+    if p:
+        mask = fused._dropout_mask(torch.Size([36, 32]), p, 5, x.device, torch.float64).reshape(x.shape)
+    xr = xh.detach().double().requires_grad_()
+    yr = reference_with_mask(xr, wh.double(), bh.double(), a, bb, 0.5, mask)
+    dy = torch.randn_like(yr)
+    got = torch.autograd.grad(y, (xh, a32, b32), dy.bfloat16())
+    want = torch.autograd.grad(yr, (xr, a, bb), dy)
+    assert y.dtype == torch.bfloat16 and got[1].dtype == got[2].dtype == torch.float32
+    assert rel(y.double(), yr) < 1e-2
+    for g1, g2 in zip(got, want):
+        assert rel(g1.double(), g2) < 2e-2
+
+
 def test_dropout_mask_is_reproducible_from_the_seed_and_drops_the_right_fraction():
     m1 = fused._dropout_mask(torch.Size([256, 64]), 0.3, 7, torch.device("cpu"), torch.float32)
     m2 = fused._dropout_mask(torch.Size([256, 64]), 0.3, 7, torch.device("cpu"), torch.float32)

@@ -50,6 +50,19 @@ def new_seed(device: torch.device | str = "cpu") -> Tensor:
     return torch.randint(0, 2**31 - 1, (1,), device=device)
 
 
+# Keep W + s·B·A from forward for backward instead of building it again: one kernel and two
+# weight-sized passes fewer per layer, for memory the size of the adapted weights (1.7 GiB on
+# Llama-3.2-1B with all seven projections adapted). Off by default; LORAKIT_SAVE_W_EFF=1 or
+# `set_save_w_eff(True)` turns it on.
+SAVE_W_EFF = os.environ.get("LORAKIT_SAVE_W_EFF", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def set_save_w_eff(enabled: bool) -> None:
+    """Keep W_eff from forward for backward (faster, more memory); see SAVE_W_EFF."""
+    global SAVE_W_EFF
+    SAVE_W_EFF = bool(enabled)
+
+
 _KERNELS_ON_CPU = False  # tests turn this on under TRITON_INTERPRET=1 to run the kernels on the CPU
 
 
@@ -104,10 +117,11 @@ def _scaled_mm(m1: Tensor, m2: Tensor, scale: float, dtype: torch.dtype | None =
 
 
 def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scale: float,
-             p: float, seed: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y, h, a, b) for x2 (T, in): y = x·Wᵀ + b + h·Bᵀ with h = s·dropout(x)·Aᵀ (T, r).
+             p: float, seed: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """(y, h, a, b, w_eff) for x2 (T, in): y = x·Wᵀ + b + h·Bᵀ with h = s·dropout(x)·Aᵀ (T, r).
 
     a and b are A and B in x's dtype; backward reuses them instead of casting again.
+    w_eff is W + s·B·A where forward built it (no dropout), else None.
     """
     ct = x2.dtype
     n_out, n_in = weight.shape
@@ -117,21 +131,23 @@ def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lo
     if p == 0.0:
         w_eff = torch.empty(n_out, n_in, dtype=ct, device=x2.device)  # (out, in)
         tk.build_w_eff(weight, a, b, scale, out=w_eff, use_kernel=kernels)
-        return torch.nn.functional.linear(x2, w_eff, bias), _scaled_mm(x2, a.T, scale), a, b  # (T, out), (T, r)
+        return torch.nn.functional.linear(x2, w_eff, bias), _scaled_mm(x2, a.T, scale), a, b, w_eff  # (T, out), (T, r)
     y = torch.nn.functional.linear(x2, weight.to(ct), bias)
     if kernels:
         h = tk.masked_shrink(x2, a, p, seed, scale)  # (T, r), mask made and dropped in-kernel
     else:
         h = _scaled_mm(x2 * _dropout_mask(x2.shape, p, seed, x2.device, ct), a.T, scale)
-    return y.addmm_(h, b.T), h, a, b  # (T, out)
+    return y.addmm_(h, b.T), h, a, b, None  # (T, out)
 
 
 def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor, scale: float,
-              p: float, seed: Tensor | None, needs: tuple[bool, ...], a_dtype: torch.dtype, b_dtype: torch.dtype):
+              p: float, seed: Tensor | None, needs: tuple[bool, ...], a_dtype: torch.dtype, b_dtype: torch.dtype,
+              w_eff: Tensor | None = None):
     """Gradients (dx, dW, dbias, dA, dB) of `_forward`; `needs` says which are wanted, in that order.
 
     lora_A / lora_B may be the adapter or the copies `_forward` made in the compute dtype;
-    dA and dB come out in `a_dtype` / `b_dtype`, the adapter's own.
+    dA and dB come out in `a_dtype` / `b_dtype`, the adapter's own. `w_eff`, if forward's
+    W + s·B·A was kept, is used instead of building it again.
     """
     need_dx, need_w, need_bias, need_a, need_b = needs
     ct = dy2.dtype
@@ -142,8 +158,9 @@ def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: T
     dx = dweight = dbias = d_a = d_b = None
     dyb = dy2 @ b  # (T, r)
     if need_dx and p == 0.0:
-        w_eff = torch.empty(n_out, n_in, dtype=ct, device=x2.device)  # (out, in)
-        tk.build_w_eff(weight, a, b, scale, out=w_eff, use_kernel=kernels)
+        if w_eff is None:
+            w_eff = torch.empty(n_out, n_in, dtype=ct, device=x2.device)  # (out, in)
+            tk.build_w_eff(weight, a, b, scale, out=w_eff, use_kernel=kernels)
         dx = dy2 @ w_eff  # dy·W_eff: (T, in)
     elif need_dx:
         dx = dy2 @ weight.to(ct)  # (T, in)
@@ -168,18 +185,19 @@ def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: T
 
 
 def _linear_node_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                         scale: float, p: float, seed: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`_forward` for x (..., in): (y (..., out), h (T, r), a, b)."""
-    y, h, a, b = _forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scale, p, seed)
-    return y.reshape(*x.shape[:-1], y.shape[-1]), h, a, b
+                         scale: float, p: float, seed: Tensor | None
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """`_forward` for x (..., in): (y (..., out), h (T, r), a, b, w_eff)."""
+    y, *rest = _forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scale, p, seed)
+    return y.reshape(*x.shape[:-1], y.shape[-1]), *rest
 
 
 def _linear_node_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor,
                           scale: float, p: float, seed: Tensor | None, needs: tuple[bool, ...],
-                          a_dtype: torch.dtype, b_dtype: torch.dtype):
+                          a_dtype: torch.dtype, b_dtype: torch.dtype, w_eff: Tensor | None = None):
     """`_backward` for dy (..., out): (dx in x's shape and dtype, dW, dbias, dA, dB), None where not wanted."""
     dx, dw, dbias, d_a, d_b = _backward(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight, lora_A,
-                                        lora_B, h, scale, p, seed, needs, a_dtype, b_dtype)
+                                        lora_B, h, scale, p, seed, needs, a_dtype, b_dtype, w_eff)
     if dx is not None:
         dx = dx.reshape(x.shape).to(x.dtype)
     return dx, dw, dbias, d_a, d_b
@@ -192,18 +210,18 @@ class LoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                 scale: float, dropout_p: float, seed: Tensor | None) -> Tensor:
         # x (..., in), weight (out, in), lora_A (r, in), lora_B (out, r)
-        y, h, a, b = _linear_node_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
-        ctx.save_for_backward(x, weight, a, b, h, seed)
+        y, h, a, b, w_eff = _linear_node_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+        ctx.save_for_backward(x, weight, a, b, h, seed, w_eff if SAVE_W_EFF else None)
         ctx.scale, ctx.dropout_p, ctx.dtypes = scale, dropout_p, (lora_A.dtype, lora_B.dtype)
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x, weight, a, b, h, seed = ctx.saved_tensors
+        x, weight, a, b, h, seed, w_eff = ctx.saved_tensors
         n = ctx.needs_input_grad
         grads = _linear_node_backward(dy, x, weight, a, b, h, ctx.scale, ctx.dropout_p, seed,
-                                      (n[0], n[1], ctx.has_bias and n[2], n[3], n[4]), *ctx.dtypes)
+                                      (n[0], n[1], ctx.has_bias and n[2], n[3], n[4]), *ctx.dtypes, w_eff)
         return *grads, None, None, None
 
 
@@ -218,22 +236,23 @@ GATED_ACTIVATIONS = {
 
 def _gated_node_forward(g: Tensor, u: Tensor, act: str, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
                         lora_B: Tensor, scale: float, p: float, seed: Tensor | None
-                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(down(act(g) ⊙ u) (..., out), h (T, r), a, b) as `_forward` gives them; the product is freed on return."""
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """(down(act(g) ⊙ u) (..., out), h (T, r), a, b, w_eff) as `_forward` gives them; the product is freed."""
     z = GATED_ACTIVATIONS[act][0](g) * u  # (..., width)
     return _linear_node_forward(z, weight, bias, lora_A, lora_B, scale, p, seed)
 
 
 def _gated_node_backward(dy: Tensor, g: Tensor, u: Tensor, act: str, weight: Tensor, lora_A: Tensor,
                          lora_B: Tensor, h: Tensor, scale: float, p: float, seed: Tensor | None,
-                         needs: tuple[bool, ...], a_dtype: torch.dtype, b_dtype: torch.dtype):
+                         needs: tuple[bool, ...], a_dtype: torch.dtype, b_dtype: torch.dtype,
+                         w_eff: Tensor | None = None):
     """(dg, du, dW, dbias, dA, dB) of `_gated_node_forward`, recomputing act(g) ⊙ u; None where not wanted."""
     need_g, need_u, need_w, need_bias, need_a, need_b = needs
     act_fwd, act_bwd = GATED_ACTIVATIONS[act]
     act_g = act_fwd(g)
     dz, dw, dbias, d_a, d_b = _linear_node_backward(dy, act_g * u, weight, lora_A, lora_B, h, scale, p, seed,
                                                     (need_g or need_u, need_w, need_bias, need_a, need_b),
-                                                    a_dtype, b_dtype)
+                                                    a_dtype, b_dtype, w_eff)
     du = dz * act_g if need_u else None
     dg = act_bwd(dz * u, g) if need_g else None
     return dg, du, dw, dbias, d_a, d_b
@@ -250,20 +269,20 @@ class GatedDownFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g: Tensor, u: Tensor, act: str, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
                 lora_B: Tensor, scale: float, dropout_p: float, seed: Tensor | None) -> Tensor:
-        y, h, a, b = _gated_node_forward(g, u, act, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
-        ctx.save_for_backward(g, u, weight, a, b, h, seed)
+        y, h, a, b, w_eff = _gated_node_forward(g, u, act, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
+        ctx.save_for_backward(g, u, weight, a, b, h, seed, w_eff if SAVE_W_EFF else None)
         ctx.act, ctx.scale, ctx.dropout_p, ctx.dtypes = act, scale, dropout_p, (lora_A.dtype, lora_B.dtype)
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        g, u, weight, a, b, h, seed = ctx.saved_tensors
+        g, u, weight, a, b, h, seed, w_eff = ctx.saved_tensors
         n = ctx.needs_input_grad
         dg, du, dw, dbias, d_a, d_b = _gated_node_backward(dy, g, u, ctx.act, weight, a, b, h, ctx.scale,
                                                            ctx.dropout_p, seed,
                                                            (n[0], n[1], n[3], ctx.has_bias and n[4], n[5], n[6]),
-                                                           *ctx.dtypes)
+                                                           *ctx.dtypes, w_eff)
         return dg, du, None, dw, dbias, d_a, d_b, None, None, None
 
 
