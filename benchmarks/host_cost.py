@@ -7,6 +7,7 @@ eager training step whose host cost exceeds its GPU time runs at the host's pace
 numbers say what each launch adds to that pace.
 
     PYTHONPATH=src python benchmarks/host_cost.py
+    PYTHONPATH=src python benchmarks/host_cost.py --profile   # also where a LoRA layer's host time goes
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def per_call_us(fn, n: int = 2000) -> float:
     return 1e6 * (time.perf_counter() - t0) / n
 
 
-def main() -> None:
+def main(profile: bool = False) -> None:
     import lorakit
     from lorakit.ops import fused
     from lorakit.ops import triton_kernels as tk
@@ -66,10 +67,25 @@ def main() -> None:
     rows["nn.Linear forward + backward (frozen W)"] = linear_step
     rows["lorakit LoraLinear forward + backward"] = lora_step
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}")
+    if profile:
+        import cProfile
+        import pstats
+
+        for _ in range(50):
+            lora_step()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(500):
+            lora_step()
+        torch.cuda.synchronize()
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
     print(f"\n{'call':<44} {'µs per call':>11}")
     for name, fn in rows.items():
         print(f"{name:<44} {per_call_us(fn):>11.1f}")
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(profile="--profile" in sys.argv)

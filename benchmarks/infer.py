@@ -66,6 +66,35 @@ def timed(fns: dict, warm: int, reps: int, rounds: int = 5) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def graphed_times(fns: dict, reps: int, warm: int = 3) -> dict:
+    """Median seconds of each `fns[name]()` replayed from one CUDA graph: the GPU's own cost,
+    with no host launches. A function that cannot be captured is left out, with a line why."""
+    out = {}
+    for name, fn in fns.items():
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(warm):
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            times = []
+            for _ in range(warm + reps):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                graph.replay()
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            out[name] = statistics.median(times[warm:])
+            del graph
+        except Exception as exc:  # say why and keep the other rows
+            print(f"# graphed {name} failed: {type(exc).__name__}: {exc}"[:400], file=sys.stderr)
+    return out
+
+
 def prefill(model, ids, **kw):
     with torch.no_grad():
         return model(input_ids=ids, logits_to_keep=1, use_cache=False, **kw).logits
@@ -180,6 +209,13 @@ def main() -> None:
         runs["PEFT 1 adapter unmerged"] = lambda: prefill(pm, ids)
     for run, seconds in timed(runs, 3, args.reps).items():
         add("prefill", run, seconds)
+    if not args.skip_graphs:
+        graphed = graphed_times({k: runs[k] for k in ("base", "lorakit merged", "lorakit 1 adapter unmerged")},
+                                args.reps)
+        with lorakit.route(lk, prefill_rows):  # one context for warm-up and capture: its index tensors exist
+            graphed.update(graphed_times({"lorakit 16 adapters (route)": lambda: prefill(lk, ids)}, args.reps))
+        for run, seconds in graphed.items():
+            add("prefill, CUDA graph", run, seconds)
     if pm is not None:
         add("prefill", "PEFT 16 adapters (adapter_names)",
             timed({"peft": lambda: prefill(pm, ids, adapter_names=prefill_rows)}, 2, max(3, args.reps // 4),
