@@ -207,13 +207,23 @@ def main() -> None:
                                               init_lora_weights="gaussian"))
     realistic_b(lk)
     realistic_b(merged)
+    # Two controls for "merged = base": a second copy of the base model (how much two copies of
+    # the same model differ) and the merged weights in the plain model, no lorakit layers left.
+    base2 = build_base()
+    plain_merged = build_base()
+    lorakit.inject(plain_merged, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS,
+                                                    init_lora_weights="gaussian"))
+    realistic_b(plain_merged)
+    plain_merged = lorakit.unload(plain_merged, merge=True)
     lorakit.merge(merged, keep_original=False)
 
     def mixed_prefill():
         with lorakit.route(lk, prefill_rows):
             prefill(lk, ids)
 
-    runs = {"base": lambda: prefill(base, ids), "lorakit merged": lambda: prefill(merged, ids),
+    runs = {"base": lambda: prefill(base, ids), "base, second copy": lambda: prefill(base2, ids),
+            "merged weights, plain model": lambda: prefill(plain_merged, ids),
+            "lorakit merged": lambda: prefill(merged, ids),
             "lorakit 1 adapter unmerged": lambda: prefill(lk, ids), "lorakit 16 adapters (route)": mixed_prefill}
     pm = None
     if not args.skip_peft:
@@ -230,7 +240,8 @@ def main() -> None:
     for run, seconds in timed(runs, 3, args.reps).items():
         add("prefill", run, seconds)
     if not args.skip_graphs:
-        graphed = graphed_times({k: runs[k] for k in ("base", "lorakit merged", "lorakit 1 adapter unmerged")},
+        graphed = graphed_times({k: runs[k] for k in ("base", "base, second copy", "merged weights, plain model",
+                                                      "lorakit merged", "lorakit 1 adapter unmerged")},
                                 args.reps)
         with lorakit.route(lk, prefill_rows):  # one context for warm-up and capture: its index tensors exist
             graphed.update(graphed_times({"lorakit 16 adapters (route)": lambda: prefill(lk, ids)}, args.reps))
