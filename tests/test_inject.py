@@ -65,6 +65,28 @@ def test_freezing_and_modules_to_save():
     assert not m.score.original_module.weight.requires_grad
 
 
+def test_frozen_lm_head_on_sliced_hidden_states_runs_one_gemm():
+    # With its weight frozen, torch would run the head on hidden_states[:, -1:, :] as a
+    # batched GEMM over one copy of the weight per row; injection keeps the single GEMM.
+    model = tiny_llama_causal().eval()
+    ids = input_ids()
+    with torch.no_grad():
+        want = model(input_ids=ids, logits_to_keep=1).logits
+
+    def head_ops():
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            got = model(input_ids=ids, logits_to_keep=1).logits
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+        return [e.name for e in prof.events() if e.name in ("aten::bmm", "aten::mm")]
+
+    lorakit.inject(model, LoraConfig(r=4, target_modules=["q_proj"]))
+    assert not model.lm_head.weight.requires_grad and "aten::bmm" not in head_ops()
+    lorakit.unload(model)
+    assert not model.lm_head._forward_pre_hooks
+    model.requires_grad_(False)  # the same frozen model without the guard: the batched route
+    assert "aten::bmm" in head_ops()
+
+
 def test_injected_layers_keep_the_model_s_eval_mode():
     # A model put in eval mode before injection must not train-mode its new layers: dropout
     # would then apply at inference. Here dropout 0.5 would change the output if it did.
