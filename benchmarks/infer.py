@@ -30,7 +30,7 @@ import sys
 import time
 
 import torch
-from train_step import llama_1b_config
+from train_step import capture, llama_1b_config, replay_times
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_ADAPTERS = 16
@@ -88,23 +88,8 @@ def graphed_times(fns: dict, reps: int, warm: int = 3) -> dict:
     out = {}
     for name, fn in fns.items():
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(warm):
-                    fn()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            times = []
-            for _ in range(warm + reps):
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                graph.replay()
-                torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-            out[name] = statistics.median(times[warm:])
+            graph = capture(fn, warm)
+            out[name] = statistics.median(replay_times(graph, reps, warm))
             del graph
         except Exception as exc:  # say why and keep the other rows
             print(f"# graphed {name} failed: {type(exc).__name__}: {exc}"[:400], file=sys.stderr)
@@ -151,15 +136,7 @@ def graphed_decode_run(model, prompt, steps: int, warm: int = 3) -> float:
             ids.copy_(logits[:, -1].argmax(-1, keepdim=True))
             pos.add_(1)
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(warm):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
+        graph = capture(step, warm)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(steps):

@@ -131,6 +131,37 @@ def _measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: b
     return row
 
 
+def capture(fn, warm: int, before=None) -> torch.cuda.CUDAGraph:
+    """`fn()` captured in one CUDA graph after `warm` calls on a side stream, as capture requires;
+    `before()`, if given, runs ahead of each of those calls and of the capture, outside the graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warm):
+            if before:
+                before()
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    if before:
+        before()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def replay_times(graph: torch.cuda.CUDAGraph, reps: int, warm: int) -> list[float]:
+    """Seconds of each of `reps` synchronised replays, after `warm` untimed ones."""
+    times = []
+    for _ in range(warm + reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times[warm:]
+
+
 def _graphed_times(model, opt, ids, labels, steps: int, warm: int) -> list[float]:
     """Seconds per replay of one CUDA graph holding forward, backward and the optimizer step."""
 
@@ -138,25 +169,7 @@ def _graphed_times(model, opt, ids, labels, steps: int, warm: int) -> list[float
         model(input_ids=ids, labels=labels).loss.backward()
         opt.step()
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
-        for _ in range(warm):
-            opt.zero_grad(set_to_none=True)
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        step()
-    times = []
-    for _ in range(warm + steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        graph.replay()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return times[warm:]
+    return replay_times(capture(step, warm, before=lambda: opt.zero_grad(set_to_none=True)), steps, warm)
 
 
 def main() -> None:
