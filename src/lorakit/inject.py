@@ -254,6 +254,13 @@ def _unguard_output_head(model: nn.Module) -> None:
             handle.remove()
 
 
+def _forget(model: nn.Module) -> None:
+    """Drop lorakit's record, fused MLP forwards and head guard from a model with no adapter left."""
+    delattr(model, _STATE_ATTR)
+    unfuse(model)
+    _unguard_output_head(model)
+
+
 def list_adapters(model: nn.Module) -> list[str]:
     """Names of the adapters the model holds, in the order they were added."""
     return list(_state(model).configs) if has_adapters(model) else []
@@ -324,9 +331,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     del state.configs[name]
     state.active = [n for n in state.active if n != name]
     if not state.configs:
-        delattr(model, _STATE_ATTR)
-        unfuse(model)
-        _unguard_output_head(model)
+        _forget(model)
         return
     set_adapter(model, state.active or next(iter(state.configs)))
 
@@ -393,9 +398,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     for name, holder in list(_saved_modules(model)):
         keep = holder.modules_to_save[holder.active_adapter] if merge and holder.active_adapter else holder.original_module
         _set_child(model, name, keep)
-    delattr(model, _STATE_ATTR)
-    unfuse(model)
-    _unguard_output_head(model)
+    _forget(model)
     for p in model.parameters():
         p.requires_grad_(True)
     return model

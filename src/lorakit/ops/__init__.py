@@ -11,14 +11,13 @@ environment variable LORAKIT_FAST_PATH=0 or `lorakit.ops.set_fast_path(False)`.
 from __future__ import annotations
 
 import logging
-import os
 
 from torch import Tensor, nn
 
 from lorakit.ops import multi
+from lorakit.ops.fused import env_flag, lora_linear_inference
 from lorakit.ops.fused import gated_down as fused_gated_down
 from lorakit.ops.fused import lora_linear as fused_lora_linear
-from lorakit.ops.fused import lora_linear_inference
 from lorakit.ops.reference import (
     embedding_delta,
     lora_branch,
@@ -48,7 +47,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("lorakit")
-_enabled = os.environ.get("LORAKIT_FAST_PATH", "1").strip().lower() not in ("0", "false", "off", "no")
+_enabled = env_flag("LORAKIT_FAST_PATH", default=True)
 _logged: set[str] = set()
 
 

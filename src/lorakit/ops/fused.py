@@ -31,6 +31,16 @@ from torch import Tensor
 from lorakit.ops import triton_kernels as tk
 
 
+def env_flag(name: str, default: bool) -> bool:
+    """A LORAKIT_* switch: unset gives `default`; a default-on switch is turned off only by
+    0/false/off/no, a default-off one turned on only by 1/true/on/yes (any case)."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    value = value.strip().lower()
+    return value not in ("0", "false", "off", "no") if default else value in ("1", "true", "on", "yes")
+
+
 def _dropout_mask(shape: torch.Size, p: float, seed: int | Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
     """keep / (1 - p) for a (T, in) input, regenerated bit for bit from `seed`.
 
@@ -54,7 +64,7 @@ def new_seed(device: torch.device | str = "cpu") -> Tensor:
 # weight-sized passes fewer per layer, for memory the size of the adapted weights (1.7 GiB on
 # Llama-3.2-1B with all seven projections adapted). Off by default; LORAKIT_SAVE_W_EFF=1 or
 # `set_save_w_eff(True)` turns it on.
-SAVE_W_EFF = os.environ.get("LORAKIT_SAVE_W_EFF", "0").strip().lower() in ("1", "true", "on", "yes")
+SAVE_W_EFF = env_flag("LORAKIT_SAVE_W_EFF", default=False)
 
 
 def set_save_w_eff(enabled: bool) -> None:
@@ -295,7 +305,7 @@ class GatedDownFunction(torch.autograd.Function):
 # to 1.14× the compiled floor, but the step went from 1.24× to 1.45× (benchmarks/RESULTS.md),
 # so the custom ops are opt-in: set COMPILE_AS_CUSTOM_OPS = True (or LORAKIT_COMPILE_CUSTOM_OPS=1)
 # to trade time for memory. Eager calls always use the autograd functions.
-COMPILE_AS_CUSTOM_OPS = os.environ.get("LORAKIT_COMPILE_CUSTOM_OPS", "0").strip().lower() in ("1", "true", "on", "yes")
+COMPILE_AS_CUSTOM_OPS = env_flag("LORAKIT_COMPILE_CUSTOM_OPS", default=False)
 
 
 @torch.library.custom_op("lorakit::lora_linear", mutates_args=())
