@@ -8,6 +8,7 @@ pieces (dy·B)ᵀ·x and dyᵀ·h. Prints one row per shape.
     python benchmarks/micro_lora_ops.py             # the pieces above
     python benchmarks/micro_lora_ops.py --kernels   # lorakit's Triton kernels against torch
     python benchmarks/micro_lora_ops.py --grads     # ways to get float32 adapter gradients
+    python benchmarks/micro_lora_ops.py --gated     # the gated MLP's elementwise work, torch vs kernels
 """
 
 from __future__ import annotations
@@ -89,7 +90,51 @@ def grads(T: int = 8192, r: int = 16) -> None:
         print(f"{name:<8} " + " ".join(f"{v:7.3f}" for v in row))
 
 
+def gated(T: int = 8192, width: int = 8192, r: int = 16) -> None:
+    """The gated MLP's elementwise work around down_proj (Llama-1B width): forward z = silu(g)·u and
+    backward (dg, du, dA), as torch ops and as lorakit's kernels, with the frozen floor's own
+    backward (mul then silu backward) for scale. GB/s counts the bytes each must move at least."""
+    import torch.nn.functional as F
+
+    from lorakit.ops import triton_kernels as tk
+
+    dev, dt = "cuda", torch.bfloat16
+    g, u, dz = (torch.randn(T, width, device=dev, dtype=dt) for _ in range(3))
+    dyb = torch.randn(T, r, device=dev, dtype=dt)
+    act_g = F.silu(g)
+    z32 = torch.empty((), device=dev)
+    mb = T * width * 2 / 1e6  # one tensor, MB
+
+    def torch_backward():  # lorakit's backward before the kernel
+        ag = F.silu(g)
+        z = ag * u
+        torch.addmm(z32, dyb.T, z, out_dtype=torch.float32, beta=0, alpha=2.0)
+        du = dz * ag
+        return torch.ops.aten.silu_backward(dz * u, g), du
+
+    def floor_backward():  # autograd of silu(g)·u with act(g) saved
+        du = dz * act_g
+        return torch.ops.aten.silu_backward(dz * u, g), du
+
+    rows = [("forward: silu(g)·u, torch", bench(lambda: F.silu(g) * u), 3),
+            ("forward: kernel", bench(lambda: tk.gated_act(g, u, "silu")), 3),
+            ("backward: floor (torch, act(g) saved)", bench(floor_backward), 6),
+            ("backward: lorakit before (torch + dA GEMM)", bench(torch_backward), 5),
+            ]
+    for bt, bn, warps, programs in [(64, 64, 4, 1024), (32, 128, 4, 1024), (64, 128, 8, 1024), (64, 64, 4, 2048),
+                                    (128, 64, 8, 1024), (32, 64, 4, 4096)]:
+        tk.GATED_BACKWARD_CONFIG.update(BT=bt, BN=bn, num_warps=warps, programs=programs)
+        rows.append((f"backward: kernel BT={bt} BN={bn} warps={warps} programs~{programs}",
+                     bench(lambda: tk.gated_backward(dz, g, u, dyb, "silu", 2.0)), 5))
+    tk.GATED_BACKWARD_CONFIG.update(BT=64, BN=64, num_warps=4, programs=1024)
+    rows.append(("backward: kernel, dropout 0.1", bench(lambda: tk.gated_backward(dz, g, u, dyb, "silu", 2.0, 0.1, 3)),
+                 5))
+    print(f"\n{'gated MLP elementwise (T=' + str(T) + ', width=' + str(width) + ')':<62} {'ms':>7} {'GB/s':>7}")
+    for name, ms, tensors in rows:
+        print(f"{name:<62} {ms:7.3f} {tensors * mb / ms:7.0f}")
+
+
 if __name__ == "__main__":
     import sys
 
-    {"--kernels": kernels, "--grads": grads}.get(sys.argv[-1], main)()
+    {"--kernels": kernels, "--grads": grads, "--gated": gated}.get(sys.argv[-1], main)()

@@ -70,16 +70,19 @@ def measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: bo
             warm: int) -> dict:
     """One run. "lorakit-opaque" has torch.compile call lorakit's nodes as opaque custom ops
     (fused.COMPILE_AS_CUSTOM_OPS) instead of tracing through them; "lorakit-keep-weff" keeps
-    W + s·B·A from forward for backward (fused.SAVE_W_EFF)."""
+    W + s·B·A from forward for backward (fused.SAVE_W_EFF); "lorakit-torch-gated" runs the
+    gated MLP's elementwise work with torch ops instead of lorakit's kernels (as before them)."""
     from lorakit.ops import fused
 
-    defaults = fused.COMPILE_AS_CUSTOM_OPS, fused.SAVE_W_EFF
+    defaults = fused.COMPILE_AS_CUSTOM_OPS, fused.SAVE_W_EFF, fused._gated_kernels
     fused.COMPILE_AS_CUSTOM_OPS = method == "lorakit-opaque"
     fused.SAVE_W_EFF = method == "lorakit-keep-weff"
+    if method == "lorakit-torch-gated":
+        fused._gated_kernels = lambda g, u, act: False
     try:
         return _measure(method, bs, seq, r, dropout, compiled, steps, warm)
     finally:
-        fused.COMPILE_AS_CUSTOM_OPS, fused.SAVE_W_EFF = defaults
+        fused.COMPILE_AS_CUSTOM_OPS, fused.SAVE_W_EFF, fused._gated_kernels = defaults
 
 
 def _measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: bool | str, steps: int,

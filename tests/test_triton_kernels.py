@@ -93,3 +93,69 @@ def test_torch_mask_equals_kernel_mask(seed):
         kernel = tk.dropout_keep_mask(shape, 0.3, seed, DEVICE)
         torch_mask = tk.keep_mask_torch(shape, 0.3, tk.seed_tensor(seed, DEVICE))
         assert torch.equal(kernel, torch_mask)
+
+
+def gated_reference(g, u, act):
+    fn = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu,
+          "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh")}[act]
+    return fn(g) * u
+
+
+@pytest.mark.parametrize("act", sorted(tk.GATED_KERNEL_ACTS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gated_act(act, dtype):
+    g, u = rand(70, 45, dtype=dtype), rand(70, 45, dtype=dtype, seed=1)
+    got = tk.gated_act(g, u, act)
+    assert got.dtype == dtype and got.shape == g.shape
+    assert rel(got, gated_reference(g.double(), u.double(), act)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("act", sorted(tk.GATED_KERNEL_ACTS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,width,r,p", [(70, 45, 5, 0.0), (70, 45, 5, 0.3), (130, 64, 16, 0.0), (200, 96, 1, 0.2)])
+def test_gated_backward_matches_autograd(act, dtype, T, width, r, p):
+    """dg, du and dA = s·dyBᵀ·dropout(act(g)⊙u) from one pass, against float64 autograd with the kernels' mask."""
+    seed, scale = 99, 0.7
+    g = rand(T, width, dtype=dtype).requires_grad_(True)
+    u = rand(T, width, dtype=dtype, seed=1).requires_grad_(True)
+    dz, dyb = rand(T, width, dtype=dtype, seed=2), rand(T, r, dtype=dtype, seed=3)
+    g64, u64 = g.detach().double().requires_grad_(True), u.detach().double().requires_grad_(True)
+    z = gated_reference(g64, u64, act)
+    want_dg, want_du = torch.autograd.grad(z, (g64, u64), dz.double())
+    keep = tk.dropout_keep_mask((T, width), p, seed, DEVICE) if p else torch.ones(T, width, dtype=torch.bool)
+    want_da = scale * dyb.double().T @ torch.where(keep.to(z.device), z.detach() / (1 - p), 0.0)
+    dz_in = dz.clone()
+    dg, du, da = tk.gated_backward(dz_in, g.detach(), u.detach(), dyb, act, scale, p, seed)
+    assert dg.data_ptr() == dz_in.data_ptr()  # dg is written over dz
+    assert dg.dtype == du.dtype == dtype and da.dtype == torch.float32 and da.shape == (r, width)
+    assert rel(dg, want_dg) < TOL[dtype]
+    assert rel(du, want_du) < TOL[dtype]
+    assert rel(da, want_da) < TOL[dtype]
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("trainable_w", [False, True])
+def test_gated_down_with_kernels_matches_reference(act, p, trainable_w, monkeypatch):
+    """The fused gated-MLP node on the kernel route (a trainable down weight takes the torch route)."""
+    calls = []
+    real = tk.gated_backward
+    monkeypatch.setattr(tk, "gated_backward", lambda *args: calls.append(1) or real(*args))
+    fused.use_kernels_on_cpu(True)
+    try:
+        g = rand(3, 7, 40, seed=4).requires_grad_(True)
+        u = rand(3, 7, 40, seed=5).requires_grad_(True)
+        w = rand(24, 40, seed=6).requires_grad_(trainable_w)
+        a, b = rand(4, 40, seed=7).requires_grad_(True), rand(24, 4, seed=8).requires_grad_(True)
+        y = fused.gated_down(g, u, act, w, None, a, b, 0.5, p, training=True, seed=77)
+        z = gated_reference(g, u, act)
+        mask = tk.dropout_keep_mask((21, 40), p, 77, DEVICE).reshape(z.shape).float() / (1 - p) if p else 1.0
+        yr = torch.nn.functional.linear(z, w) + ((z * mask) @ a.T @ b.T) * 0.5
+        dy = torch.randn_like(yr)
+        assert rel(y, yr) < 1e-5
+        inputs = (g, u, a, b) + ((w,) if trainable_w else ())
+        for got, want in zip(torch.autograd.grad(y, inputs, dy), torch.autograd.grad(yr, inputs, dy)):
+            assert rel(got, want) < 1e-5
+        assert len(calls) == (0 if trainable_w else 1)
+    finally:
+        fused.use_kernels_on_cpu(False)

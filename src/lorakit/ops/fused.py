@@ -153,11 +153,12 @@ def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lo
 def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor, scale: float,
               p: float, seed: Tensor | None, needs: tuple[bool, ...], a_dtype: torch.dtype, b_dtype: torch.dtype,
               w_eff: Tensor | None = None):
-    """Gradients (dx, dW, dbias, dA, dB) of `_forward`; `needs` says which are wanted, in that order.
+    """Gradients (dx, dW, dbias, dA, dB) of `_forward`, then dy·B; `needs` says which are wanted, in that order.
 
     lora_A / lora_B may be the adapter or the copies `_forward` made in the compute dtype;
     dA and dB come out in `a_dtype` / `b_dtype`, the adapter's own. `w_eff`, if forward's
-    W + s·B·A was kept, is used instead of building it again.
+    W + s·B·A was kept, is used instead of building it again. dy·B (T, r) is returned
+    last for a caller that computes dA itself (the gated-MLP node).
     """
     need_dx, need_w, need_bias, need_a, need_b = needs
     ct = dy2.dtype
@@ -191,7 +192,7 @@ def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: T
         dweight = (dy2.T @ x2).to(weight.dtype)
     if need_bias:
         dbias = dy2.sum(0).to(weight.dtype)
-    return dx, dweight, dbias, d_a, d_b
+    return dx, dweight, dbias, d_a, d_b, dyb
 
 
 def _linear_node_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
@@ -205,12 +206,12 @@ def _linear_node_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A:
 def _linear_node_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor,
                           scale: float, p: float, seed: Tensor | None, needs: tuple[bool, ...],
                           a_dtype: torch.dtype, b_dtype: torch.dtype, w_eff: Tensor | None = None):
-    """`_backward` for dy (..., out): (dx in x's shape and dtype, dW, dbias, dA, dB), None where not wanted."""
-    dx, dw, dbias, d_a, d_b = _backward(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight, lora_A,
+    """`_backward` for dy (..., out): (dx in x's shape and dtype, dW, dbias, dA, dB, dy·B), None where not wanted."""
+    dx, dw, dbias, d_a, d_b, dyb = _backward(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight, lora_A,
                                         lora_B, h, scale, p, seed, needs, a_dtype, b_dtype, w_eff)
     if dx is not None:
         dx = dx.reshape(x.shape).to(x.dtype)
-    return dx, dw, dbias, d_a, d_b
+    return dx, dw, dbias, d_a, d_b, dyb
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -231,7 +232,7 @@ class LoraLinearFunction(torch.autograd.Function):
         x, weight, a, b, h, seed, w_eff = ctx.saved_tensors
         n = ctx.needs_input_grad
         grads = _linear_node_backward(dy, x, weight, a, b, h, ctx.scale, ctx.dropout_p, seed,
-                                      (n[0], n[1], ctx.has_bias and n[2], n[3], n[4]), *ctx.dtypes, w_eff)
+                                      (n[0], n[1], ctx.has_bias and n[2], n[3], n[4]), *ctx.dtypes, w_eff)[:5]
         return *grads, None, None, None
 
 
@@ -244,11 +245,20 @@ GATED_ACTIVATIONS = {
 }
 
 
+def _gated_kernels(g: Tensor, u: Tensor, act: str) -> bool:
+    """Whether the gated MLP's elementwise kernels can run on g and u."""
+    return (act in tk.GATED_KERNEL_ACTS and _kernels(g) and g.shape == u.shape and g.dtype == u.dtype
+            and g.is_contiguous() and u.is_contiguous())
+
+
 def _gated_node_forward(g: Tensor, u: Tensor, act: str, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
                         lora_B: Tensor, scale: float, p: float, seed: Tensor | None
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """(down(act(g) ⊙ u) (..., out), h (T, r), a, b, w_eff) as `_forward` gives them; the product is freed."""
-    z = GATED_ACTIVATIONS[act][0](g) * u  # (..., width)
+    if _gated_kernels(g, u, act):
+        z = tk.gated_act(g, u, act)  # (..., width), one pass
+    else:
+        z = GATED_ACTIVATIONS[act][0](g) * u
     return _linear_node_forward(z, weight, bias, lora_A, lora_B, scale, p, seed)
 
 
@@ -256,13 +266,27 @@ def _gated_node_backward(dy: Tensor, g: Tensor, u: Tensor, act: str, weight: Ten
                          lora_B: Tensor, h: Tensor, scale: float, p: float, seed: Tensor | None,
                          needs: tuple[bool, ...], a_dtype: torch.dtype, b_dtype: torch.dtype,
                          w_eff: Tensor | None = None):
-    """(dg, du, dW, dbias, dA, dB) of `_gated_node_forward`, recomputing act(g) ⊙ u; None where not wanted."""
+    """(dg, du, dW, dbias, dA, dB) of `_gated_node_forward`, recomputing act(g) ⊙ u; None where not wanted.
+
+    With the kernels (a frozen down weight), one pass over dz, g and u gives dg, du and dA;
+    z = act(g) ⊙ u is never materialised in backward.
+    """
     need_g, need_u, need_w, need_bias, need_a, need_b = needs
+    if _gated_kernels(g, u, act) and not need_w:
+        # g stands in for down's input: same shape, and only its shape and device are used.
+        dz, _, dbias, _, d_b, dyb = _linear_node_backward(dy, g, weight, lora_A, lora_B, h, scale, p, seed,
+                                                          (True, False, need_bias, False, need_b), a_dtype, b_dtype,
+                                                          w_eff)
+        width = g.shape[-1]
+        dg, du, d_a = tk.gated_backward(dz.view(-1, width), g.view(-1, width), u.view(-1, width), dyb, act, scale,
+                                        p, seed)
+        return (dg.view(g.shape) if need_g else None, du.view(u.shape) if need_u else None, None, dbias,
+                d_a.to(a_dtype) if need_a else None, d_b)
     act_fwd, act_bwd = GATED_ACTIVATIONS[act]
     act_g = act_fwd(g)
-    dz, dw, dbias, d_a, d_b = _linear_node_backward(dy, act_g * u, weight, lora_A, lora_B, h, scale, p, seed,
-                                                    (need_g or need_u, need_w, need_bias, need_a, need_b),
-                                                    a_dtype, b_dtype, w_eff)
+    dz, dw, dbias, d_a, d_b, _ = _linear_node_backward(dy, act_g * u, weight, lora_A, lora_B, h, scale, p, seed,
+                                                       (need_g or need_u, need_w, need_bias, need_a, need_b),
+                                                       a_dtype, b_dtype, w_eff)
     du = dz * act_g if need_u else None
     dg = act_bwd(dz * u, g) if need_g else None
     return dg, du, dw, dbias, d_a, d_b
@@ -325,8 +349,9 @@ def _lora_linear_backward_op(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tens
                              scale: float, dropout_p: float, seed: Tensor | None, need_dx: bool,
                              need_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dbias, dA, dB); dx and dbias are empty when not asked for."""
-    dx, _, dbias, d_a, d_b = _linear_node_backward(dy, x, weight, lora_A, lora_B, h, scale, dropout_p, seed,
-                                                   (need_dx, False, need_bias, True, True), lora_A.dtype, lora_B.dtype)
+    dx, _, dbias, d_a, d_b, _ = _linear_node_backward(dy, x, weight, lora_A, lora_B, h, scale, dropout_p, seed,
+                                                      (need_dx, False, need_bias, True, True), lora_A.dtype,
+                                                      lora_B.dtype)
     return x.new_empty(0) if dx is None else dx, weight.new_empty(0) if dbias is None else dbias, d_a, d_b
 
 

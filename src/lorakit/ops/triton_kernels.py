@@ -269,3 +269,116 @@ def masked_dx_add_(dx: Tensor, dyb: Tensor, lora_A: Tensor, scale: float, p: flo
         dx, dyb, lora_A, T, n_in, r, seed_tensor(seed, dx.device), p, scale / (1.0 - p), dx.stride(0), dx.stride(1), dyb.stride(0),
         dyb.stride(1), lora_A.stride(0), lora_A.stride(1), BT=bt, BN=bn, BR=_br(r), IEEE=_ieee(dx))
     return dx
+
+
+# -- the gated MLP's elementwise work, fused -------------------------------------------------
+#
+# z = act(g) ⊙ u in forward is one pass (torch runs act and the product as two); backward
+# reads dz, g and u once and writes dg (over dz) and du, and in the same pass adds
+# s·dyBᵀ·dropout(z) into down_proj's dA, recomputing z in registers. torch's version of
+# that backward makes five tensor-sized temporaries (act(g), z, dz·act(g), dz·u and dg)
+# and reads z once more for dA.
+
+GATED_KERNEL_ACTS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
+
+if triton is not None:
+
+    @triton.jit
+    def _act_and_grad(g, ACT: tl.constexpr):
+        # act(g) and act'(g) in float32
+        if ACT == 0:
+            sig = tl.sigmoid(g)
+            return g * sig, sig * (1.0 + g * (1.0 - sig))
+        elif ACT == 1:
+            cdf = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))
+            return g * cdf, cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327
+        else:
+            inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+            t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0  # tanh(inner)
+            return 0.5 * g * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (
+                1.0 + 0.134145 * g * g)
+
+    @triton.jit
+    def _gated_act_kernel(G, U, Z, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < n
+        g = tl.load(G + offs, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(U + offs, mask=ok, other=0.0).to(tl.float32)
+        a, _ = _act_and_grad(g, ACT)
+        tl.store(Z + offs, (a * u).to(Z.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _gated_backward_kernel(DZ, G, U, DYB, DU, PART, T, width, r, SEED, p, mult, rows_per_split, s_d0, s_d1,
+                               ACT: tl.constexpr, DROPOUT: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
+                               BR: tl.constexpr, IEEE: tl.constexpr):
+        # For rows t of this split and columns n of this block (DZ, G, U, DU contiguous (T, width)):
+        #   DU = DZ·act(G);  DZ <- DZ·U·act'(G)  (dg, in place);
+        #   PART[split, :, n] = mult · Σ_t DYB[t, :]ᵀ · keep(t, n)·act(G[t, n])·U[t, n]
+        pid_n = tl.program_id(0)
+        split = tl.program_id(1)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rr = tl.arange(0, BR)
+        acc = tl.zeros((BR, BN), dtype=tl.float32)
+        t_start = split * rows_per_split
+        for t0 in range(t_start, t_start + rows_per_split, BT):
+            rt = t0 + tl.arange(0, BT)
+            t_ok = rt < T
+            ok = t_ok[:, None] & (rn[None, :] < width)
+            offs = rt[:, None].to(tl.int64) * width + rn[None, :]
+            dz = tl.load(DZ + offs, mask=ok, other=0.0).to(tl.float32)
+            g = tl.load(G + offs, mask=ok, other=0.0).to(tl.float32)
+            u = tl.load(U + offs, mask=ok, other=0.0).to(tl.float32)
+            a, da = _act_and_grad(g, ACT)
+            tl.store(DU + offs, (dz * a).to(DU.dtype.element_ty), mask=ok)
+            tl.store(DZ + offs, (dz * u * da).to(DZ.dtype.element_ty), mask=ok)
+            z = (a * u).to(G.dtype.element_ty)  # the forward's z, rounded as it was there
+            if DROPOUT:
+                z = tl.where(_keep(tl.load(SEED), rt, rn, width, p), z, 0.0).to(G.dtype.element_ty)
+            d = tl.load(DYB + rr[:, None] * s_d1 + rt[None, :] * s_d0, mask=(rr[:, None] < r) & t_ok[None, :],
+                        other=0.0)  # (BR, BT) = DYBᵀ tile
+            if IEEE:
+                acc += tl.dot(d, z, input_precision="ieee")
+            else:
+                acc += tl.dot(d, z)
+        out = PART + split * r * width + rr[:, None] * width + rn[None, :]
+        tl.store(out, acc * mult, mask=(rr[:, None] < r) & (rn[None, :] < width))
+
+
+def gated_act(g: Tensor, u: Tensor, act: str) -> Tensor:
+    """act(g) ⊙ u in one pass, computed in float32 and rounded once; g and u contiguous, same shape."""
+    z = torch.empty_like(g)
+    n = g.numel()
+    block = 1024
+    _gated_act_kernel[(triton.cdiv(n, block),)](g, u, z, n, ACT=GATED_KERNEL_ACTS[act], BLOCK=block)
+    return z
+
+
+# Tile rows and columns, warps, and about how many programs to split the rows over
+# (benchmarks/micro_lora_ops.py --gated times the choices).
+GATED_BACKWARD_CONFIG = {"BT": 64, "BN": 64, "num_warps": 4, "programs": 1024}
+
+
+def gated_backward(dz: Tensor, g: Tensor, u: Tensor, dyb: Tensor, act: str, scale: float, p: float = 0.0,
+                   seed: int | Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(dg, du, dA) for z = act(g) ⊙ u feeding a LoRA layer, from dz = ∂L/∂z.
+
+    dz, g, u: contiguous (T, width) of one dtype; dyb = dy·B (T, r). dA = s·dybᵀ·dropout(z)
+    (r, width) comes out in float32, with z recomputed as `gated_act` makes it and the
+    dropout mask regenerated from `seed`. dg is written over dz (which is returned as dg).
+    """
+    T, width = g.shape
+    r = dyb.shape[1]
+    du = torch.empty_like(u)
+    bt, bn, warps, programs = (GATED_BACKWARD_CONFIG[k] for k in ("BT", "BN", "num_warps", "programs"))
+    n_blocks = triton.cdiv(width, bn)
+    splits = max(1, min(triton.cdiv(T, bt), programs // max(1, n_blocks)))
+    rows = triton.cdiv(triton.cdiv(T, splits), bt) * bt
+    splits = triton.cdiv(T, rows)
+    part = torch.empty(splits, r, width, dtype=torch.float32, device=g.device)
+    dropout = bool(p)
+    seed_t = seed_tensor(seed if dropout else 0, g.device) if dropout else part  # unread without dropout
+    _gated_backward_kernel[(n_blocks, splits)](
+        dz, g, u, dyb, du, part, T, width, r, seed_t, float(p), scale / (1.0 - p), rows, dyb.stride(0),
+        dyb.stride(1), ACT=GATED_KERNEL_ACTS[act], DROPOUT=dropout, BT=bt, BN=bn, BR=_br(r), IEEE=_ieee(g),
+        num_warps=warps)
+    return dz, du, part.sum(0) if splits > 1 else part[0]
