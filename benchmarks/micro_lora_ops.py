@@ -9,6 +9,7 @@ pieces (dy·B)ᵀ·x and dyᵀ·h. Prints one row per shape.
     python benchmarks/micro_lora_ops.py --kernels   # lorakit's Triton kernels against torch
     python benchmarks/micro_lora_ops.py --grads     # ways to get float32 adapter gradients
     python benchmarks/micro_lora_ops.py --gated     # the gated MLP's elementwise work, torch vs kernels
+    python benchmarks/micro_lora_ops.py --masked    # the dropout kernels' tile configurations
 """
 
 from __future__ import annotations
@@ -134,7 +135,40 @@ def gated(T: int = 8192, width: int = 8192, r: int = 16) -> None:
         print(f"{name:<62} {ms:7.3f} {tensors * mb / ms:7.0f}")
 
 
+def masked(T: int = 8192, r: int = 16) -> None:
+    """lorakit's dropout kernels under several tile configurations, each against the unmasked cuBLAS
+    op it stands for; ms at each projection's input width (the kernels' work scales with it)."""
+    from lorakit.ops import triton_kernels as tk
+
+    dev, dt = "cuda", torch.bfloat16
+    widths = {"in=2048": 2048, "in=8192": 8192}
+    data = {k: (torch.randn(T, n, device=dev, dtype=dt), torch.randn(r, n, device=dev, dtype=dt) * 0.02)
+            for k, n in widths.items()}
+    dyb = torch.randn(T, r, device=dev, dtype=dt)
+    rows = []
+    for name, (x, a) in data.items():
+        rows.append(("shrink: x·Aᵀ cuBLAS (no mask)", name, bench(lambda: x @ a.T)))
+        rows.append(("dA: dyBᵀ·x cuBLAS (no mask)", name, bench(lambda: dyb.T @ x)))
+        dx = torch.randn_like(x)
+        rows.append(("dx += dyB·A torch (no mask)", name, bench(lambda: dx.addmm_(dyb, a))))
+        default = {k: dict(v) for k, v in tk.MASKED_CONFIG.items()}
+        for cfg in [(64, 64, 4), (32, 128, 4), (16, 128, 4), (32, 64, 2), (16, 256, 4)]:
+            tk.MASKED_CONFIG["shrink"] = dict(zip(("BT", "BK", "num_warps"), cfg))
+            rows.append((f"shrink kernel BT,BK,warps={cfg}", name, bench(lambda: tk.masked_shrink(x, a, 0.1, 3))))
+        for cfg in [(64, 64, 4, 512), (64, 64, 4, 1024), (64, 128, 4, 1024), (128, 64, 8, 1024), (32, 64, 4, 2048)]:
+            tk.MASKED_CONFIG["grad_a"] = dict(zip(("BT", "BN", "num_warps", "programs"), cfg))
+            rows.append((f"dA kernel BT,BN,warps,programs={cfg}", name,
+                         bench(lambda: tk.masked_grad_a(dyb, x, 0.1, 3))))
+        for cfg in [(64, 64, 4), (32, 128, 4), (64, 128, 8), (128, 64, 4)]:
+            tk.MASKED_CONFIG["dx_add"] = dict(zip(("BT", "BN", "num_warps"), cfg))
+            rows.append((f"dx kernel BT,BN,warps={cfg}", name, bench(lambda: tk.masked_dx_add_(dx, dyb, a, 2., 0.1, 3))))
+        tk.MASKED_CONFIG.update(default)
+    print(f"\n{'dropout kernels (T=' + str(T) + ')':<48} " + " ".join(f"{k:>8}" for k in widths))
+    for label in dict.fromkeys(r[0] for r in rows):
+        print(f"{label:<48} " + " ".join(f"{ms:8.3f}" for lab, _, ms in rows if lab == label))
+
+
 if __name__ == "__main__":
     import sys
 
-    {"--kernels": kernels, "--grads": grads, "--gated": gated}.get(sys.argv[-1], main)()
+    {"--kernels": kernels, "--grads": grads, "--gated": gated, "--masked": masked}.get(sys.argv[-1], main)()

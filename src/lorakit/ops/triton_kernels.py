@@ -230,15 +230,22 @@ def dropout_keep_mask(shape: tuple[int, int], p: float, seed: int | Tensor, devi
     return out.bool()
 
 
+# Tile sizes, warps and (for the dA reduction) about how many programs to split the rows over;
+# benchmarks/micro_lora_ops.py --masked times the choices.
+MASKED_CONFIG = {"shrink": {"BT": 64, "BK": 64, "num_warps": 4},
+                 "grad_a": {"BT": 64, "BN": 64, "num_warps": 4, "programs": 512},
+                 "dx_add": {"BT": 64, "BN": 64, "num_warps": 4}}
+
+
 def masked_shrink(x2: Tensor, lora_A: Tensor, p: float, seed: int | Tensor, scale: float = 1.0) -> Tensor:
     """h = s·dropout(x)·Aᵀ with the seed's mask: x2 (T, in), A (r, in) in x's dtype -> (T, r)."""
     T, n_in = x2.shape
     r = lora_A.shape[0]
     h = torch.empty(T, r, dtype=x2.dtype, device=x2.device)
-    bt, bk = 64, 64
-    _masked_shrink_kernel[(triton.cdiv(T, bt),)](
-        x2, lora_A, h, T, n_in, r, seed_tensor(seed, x2.device), p, scale / (1.0 - p), x2.stride(0), x2.stride(1), lora_A.stride(0),
-        lora_A.stride(1), h.stride(0), h.stride(1), BT=bt, BK=bk, BR=_br(r), IEEE=_ieee(x2))
+    cfg = MASKED_CONFIG["shrink"]
+    _masked_shrink_kernel[(triton.cdiv(T, cfg["BT"]),)](
+        x2, lora_A, h, T, n_in, r, seed_tensor(seed, x2.device), p, scale / (1.0 - p), x2.stride(0), x2.stride(1),
+        lora_A.stride(0), lora_A.stride(1), h.stride(0), h.stride(1), BR=_br(r), IEEE=_ieee(x2), **cfg)
     return h
 
 
@@ -246,28 +253,28 @@ def masked_grad_a(dyb: Tensor, x2: Tensor, p: float, seed: int | Tensor, scale: 
     """s·dyBᵀ·dropout(x) in float32: dyb (T, r), x2 (T, in) -> (r, in)."""
     T, n_in = x2.shape
     r = dyb.shape[1]
-    bt, bn = 64, 64
+    bt, bn, warps, programs = (MASKED_CONFIG["grad_a"][k] for k in ("BT", "BN", "num_warps", "programs"))
     n_blocks = triton.cdiv(n_in, bn)
     # Split the T reduction so the grid fills the GPU; partial sums are added with torch.
-    splits = max(1, min(triton.cdiv(T, bt), 512 // max(1, n_blocks)))
+    splits = max(1, min(triton.cdiv(T, bt), programs // max(1, n_blocks)))
     rows = triton.cdiv(triton.cdiv(T, splits), bt) * bt
     splits = triton.cdiv(T, rows)
     part = torch.empty(splits, r, n_in, dtype=torch.float32, device=x2.device)
     _masked_grad_a_kernel[(n_blocks, splits)](
         dyb, x2, part, T, n_in, r, seed_tensor(seed, x2.device), p, scale / (1.0 - p), rows, dyb.stride(0), dyb.stride(1),
-        x2.stride(0), x2.stride(1), BT=bt, BN=bn, BR=_br(r), IEEE=_ieee(x2))
-    return part.sum(0)
+        x2.stride(0), x2.stride(1), BT=bt, BN=bn, BR=_br(r), IEEE=_ieee(x2), num_warps=warps)
+    return part.sum(0) if splits > 1 else part[0]
 
 
 def masked_dx_add_(dx: Tensor, dyb: Tensor, lora_A: Tensor, scale: float, p: float, seed: int | Tensor) -> Tensor:
     """dx += s·(dyB·A)⊙mask/(1-p) in place: dx (T, in), dyb (T, r), A (r, in)."""
     T, n_in = dx.shape
     r = lora_A.shape[0]
-    bt, bn = 64, 64
-    grid = (triton.cdiv(T, bt), triton.cdiv(n_in, bn))
+    cfg = MASKED_CONFIG["dx_add"]
+    grid = (triton.cdiv(T, cfg["BT"]), triton.cdiv(n_in, cfg["BN"]))
     _masked_dx_add_kernel[grid](
-        dx, dyb, lora_A, T, n_in, r, seed_tensor(seed, dx.device), p, scale / (1.0 - p), dx.stride(0), dx.stride(1), dyb.stride(0),
-        dyb.stride(1), lora_A.stride(0), lora_A.stride(1), BT=bt, BN=bn, BR=_br(r), IEEE=_ieee(dx))
+        dx, dyb, lora_A, T, n_in, r, seed_tensor(seed, dx.device), p, scale / (1.0 - p), dx.stride(0), dx.stride(1),
+        dyb.stride(0), dyb.stride(1), lora_A.stride(0), lora_A.stride(1), BR=_br(r), IEEE=_ieee(dx), **cfg)
     return dx
 
 
