@@ -128,8 +128,9 @@ def gated(T: int = 8192, width: int = 8192, r: int = 16) -> None:
         rows.append((f"backward: kernel BT={bt} BN={bn} warps={warps} programs~{programs}",
                      bench(lambda: tk.gated_backward(dz, g, u, dyb, "silu", 2.0)), 5))
     tk.GATED_BACKWARD_CONFIG.update(BT=64, BN=64, num_warps=4, programs=1024)
-    rows.append(("backward: kernel, dropout 0.1", bench(lambda: tk.gated_backward(dz, g, u, dyb, "silu", 2.0, 0.1, 3)),
-                 5))
+    a = torch.randn(r, width, device=dev, dtype=dt) * 0.02
+    rows.append(("backward: kernel, dropout 0.1 (with LoRA's dz share)",
+                 bench(lambda: tk.gated_backward(dz, g, u, dyb, "silu", 2.0, 0.1, 3, a)), 5))
     print(f"\n{'gated MLP elementwise (T=' + str(T) + ', width=' + str(width) + ')':<62} {'ms':>7} {'GB/s':>7}")
     for name, ms, tensors in rows:
         print(f"{name:<62} {ms:7.3f} {tensors * mb / ms:7.0f}")
@@ -162,10 +163,14 @@ def masked(T: int = 8192, r: int = 16) -> None:
         for cfg in [(64, 64, 4), (32, 128, 4), (64, 128, 8), (128, 64, 4)]:
             tk.MASKED_CONFIG["dx_add"] = dict(zip(("BT", "BN", "num_warps"), cfg))
             rows.append((f"dx kernel BT,BN,warps={cfg}", name, bench(lambda: tk.masked_dx_add_(dx, dyb, a, 2., 0.1, 3))))
+        for cfg in [(64, 64, 4, 1024), (32, 128, 4, 1024), (64, 128, 8, 1024), (64, 64, 4, 2048), (32, 64, 4, 2048)]:
+            tk.MASKED_CONFIG["backward"] = dict(zip(("BT", "BN", "num_warps", "programs"), cfg))
+            rows.append((f"dx + dA kernel BT,BN,warps,programs={cfg}", name,
+                         bench(lambda: tk.masked_backward_(dx, x, dyb, a, 2., 0.1, 3))))
         tk.MASKED_CONFIG.update(default)
-    print(f"\n{'dropout kernels (T=' + str(T) + ')':<48} " + " ".join(f"{k:>8}" for k in widths))
+    print(f"\n{'dropout kernels (T=' + str(T) + ')':<58} " + " ".join(f"{k:>8}" for k in widths))
     for label in dict.fromkeys(r[0] for r in rows):
-        print(f"{label:<48} " + " ".join(f"{ms:8.3f}" for lab, _, ms in rows if lab == label))
+        print(f"{label:<58} " + " ".join(f"{ms:8.3f}" for lab, _, ms in rows if lab == label))
 
 
 if __name__ == "__main__":

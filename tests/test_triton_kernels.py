@@ -65,7 +65,12 @@ def test_masked_kernels_use_one_mask(dtype, T, n_in, r):
     assert rel(tk.masked_grad_a(dyb, x, p, seed), dyb.float().T @ xd) < TOL[dtype]
     dx = rand(T, n_in, dtype=dtype, seed=3)
     want = dx.float() + 0.7 * torch.where(keep, dyb.float() @ a.float() / (1 - p), 0.0)
+    dx2 = dx.clone()
     assert rel(tk.masked_dx_add_(dx, dyb, a, 0.7, p, seed), want) < TOL[dtype]
+    # both backward terms from one pass
+    d_a = tk.masked_backward_(dx2, x, dyb, a, 0.7, p, seed)
+    assert d_a.dtype == torch.float32 and rel(d_a, 0.7 * dyb.float().T @ xd) < TOL[dtype]
+    assert rel(dx2, want) < TOL[dtype]
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2])
@@ -114,18 +119,21 @@ def test_gated_act(act, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,width,r,p", [(70, 45, 5, 0.0), (70, 45, 5, 0.3), (130, 64, 16, 0.0), (200, 96, 1, 0.2)])
 def test_gated_backward_matches_autograd(act, dtype, T, width, r, p):
-    """dg, du and dA = s·dyBᵀ·dropout(act(g)⊙u) from one pass, against float64 autograd with the kernels' mask."""
+    """dg, du and dA = s·dyBᵀ·dropout(act(g)⊙u) from one pass, against float64 autograd with the kernels' mask;
+    with dropout the kernel also adds LoRA's share s·(dyB·A)⊙mask/(1-p) to dz first."""
     seed, scale = 99, 0.7
     g = rand(T, width, dtype=dtype).requires_grad_(True)
     u = rand(T, width, dtype=dtype, seed=1).requires_grad_(True)
     dz, dyb = rand(T, width, dtype=dtype, seed=2), rand(T, r, dtype=dtype, seed=3)
+    a = rand(r, width, dtype=dtype, seed=4) * 0.3
     g64, u64 = g.detach().double().requires_grad_(True), u.detach().double().requires_grad_(True)
     z = gated_reference(g64, u64, act)
-    want_dg, want_du = torch.autograd.grad(z, (g64, u64), dz.double())
-    keep = tk.dropout_keep_mask((T, width), p, seed, DEVICE) if p else torch.ones(T, width, dtype=torch.bool)
-    want_da = scale * dyb.double().T @ torch.where(keep.to(z.device), z.detach() / (1 - p), 0.0)
+    keep = (tk.dropout_keep_mask((T, width), p, seed, DEVICE) if p else torch.ones(T, width, dtype=torch.bool)).to(z.device)
+    dz_total = dz.double() + (scale * torch.where(keep, dyb.double() @ a.double() / (1 - p), 0.0) if p else 0.0)
+    want_dg, want_du = torch.autograd.grad(z, (g64, u64), dz_total)
+    want_da = scale * dyb.double().T @ torch.where(keep, z.detach() / (1 - p), 0.0)
     dz_in = dz.clone()
-    dg, du, da = tk.gated_backward(dz_in, g.detach(), u.detach(), dyb, act, scale, p, seed)
+    dg, du, da = tk.gated_backward(dz_in, g.detach(), u.detach(), dyb, act, scale, p, seed, a if p else None)
     assert dg.data_ptr() == dz_in.data_ptr()  # dg is written over dz
     assert dg.dtype == du.dtype == dtype and da.dtype == torch.float32 and da.shape == (r, width)
     assert rel(dg, want_dg) < TOL[dtype]

@@ -152,13 +152,14 @@ def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lo
 
 def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor, scale: float,
               p: float, seed: Tensor | None, needs: tuple[bool, ...], a_dtype: torch.dtype, b_dtype: torch.dtype,
-              w_eff: Tensor | None = None):
+              w_eff: Tensor | None = None, dx_lora: bool = True):
     """Gradients (dx, dW, dbias, dA, dB) of `_forward`, then dy·B; `needs` says which are wanted, in that order.
 
     lora_A / lora_B may be the adapter or the copies `_forward` made in the compute dtype;
     dA and dB come out in `a_dtype` / `b_dtype`, the adapter's own. `w_eff`, if forward's
     W + s·B·A was kept, is used instead of building it again. dy·B (T, r) is returned
-    last for a caller that computes dA itself (the gated-MLP node).
+    last for a caller that computes dA itself (the gated-MLP node); with dropout,
+    `dx_lora=False` leaves LoRA's share out of dx for that caller to add.
     """
     need_dx, need_w, need_bias, need_a, need_b = needs
     ct = dy2.dtype
@@ -175,11 +176,15 @@ def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: T
         dx = dy2 @ w_eff  # dy·W_eff: (T, in)
     elif need_dx:
         dx = dy2 @ weight.to(ct)  # (T, in)
-        if kernels:
+        if not dx_lora:
+            pass
+        elif kernels and need_a:  # both dropout terms from one pass and one mask
+            d_a = tk.masked_backward_(dx, x2, dyb, a, scale, p, seed).to(a_dtype)
+        elif kernels:
             tk.masked_dx_add_(dx, dyb, a, scale, p, seed)
         else:
             dx.addcmul_(dyb @ a, _dropout_mask(x2.shape, p, seed, x2.device, ct), value=scale)
-    if need_a:
+    if need_a and d_a is None:
         if p == 0.0:
             d_a = _scaled_mm(dyb.T, x2, scale, a_dtype)  # (r, in)
         elif kernels:
@@ -205,10 +210,11 @@ def _linear_node_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A:
 
 def _linear_node_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor,
                           scale: float, p: float, seed: Tensor | None, needs: tuple[bool, ...],
-                          a_dtype: torch.dtype, b_dtype: torch.dtype, w_eff: Tensor | None = None):
+                          a_dtype: torch.dtype, b_dtype: torch.dtype, w_eff: Tensor | None = None,
+                          dx_lora: bool = True):
     """`_backward` for dy (..., out): (dx in x's shape and dtype, dW, dbias, dA, dB, dy·B), None where not wanted."""
     dx, dw, dbias, d_a, d_b, dyb = _backward(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight, lora_A,
-                                        lora_B, h, scale, p, seed, needs, a_dtype, b_dtype, w_eff)
+                                             lora_B, h, scale, p, seed, needs, a_dtype, b_dtype, w_eff, dx_lora)
     if dx is not None:
         dx = dx.reshape(x.shape).to(x.dtype)
     return dx, dw, dbias, d_a, d_b, dyb
@@ -268,18 +274,19 @@ def _gated_node_backward(dy: Tensor, g: Tensor, u: Tensor, act: str, weight: Ten
                          w_eff: Tensor | None = None):
     """(dg, du, dW, dbias, dA, dB) of `_gated_node_forward`, recomputing act(g) ⊙ u; None where not wanted.
 
-    With the kernels (a frozen down weight), one pass over dz, g and u gives dg, du and dA;
-    z = act(g) ⊙ u is never materialised in backward.
+    With the kernels (a frozen down weight), one pass over dz, g and u gives dg, du and dA
+    (and, with dropout, adds LoRA's share of dz with the same mask); z = act(g) ⊙ u is never
+    materialised in backward.
     """
     need_g, need_u, need_w, need_bias, need_a, need_b = needs
     if _gated_kernels(g, u, act) and not need_w:
         # g stands in for down's input: same shape, and only its shape and device are used.
         dz, _, dbias, _, d_b, dyb = _linear_node_backward(dy, g, weight, lora_A, lora_B, h, scale, p, seed,
                                                           (True, False, need_bias, False, need_b), a_dtype, b_dtype,
-                                                          w_eff)
+                                                          w_eff, dx_lora=False)
         width = g.shape[-1]
         dg, du, d_a = tk.gated_backward(dz.view(-1, width), g.view(-1, width), u.view(-1, width), dyb, act, scale,
-                                        p, seed)
+                                        p, seed, lora_A.to(g.dtype) if p else None)
         return (dg.view(g.shape) if need_g else None, du.view(u.shape) if need_u else None, None, dbias,
                 d_a.to(a_dtype) if need_a else None, d_b)
     act_fwd, act_bwd = GATED_ACTIVATIONS[act]

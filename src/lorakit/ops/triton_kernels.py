@@ -234,7 +234,8 @@ def dropout_keep_mask(shape: tuple[int, int], p: float, seed: int | Tensor, devi
 # benchmarks/micro_lora_ops.py --masked times the choices.
 MASKED_CONFIG = {"shrink": {"BT": 64, "BK": 64, "num_warps": 4},
                  "grad_a": {"BT": 64, "BN": 64, "num_warps": 4, "programs": 512},
-                 "dx_add": {"BT": 64, "BN": 64, "num_warps": 4}}
+                 "dx_add": {"BT": 64, "BN": 64, "num_warps": 4},
+                 "backward": {"BT": 64, "BN": 64, "num_warps": 4, "programs": 1024}}
 
 
 def masked_shrink(x2: Tensor, lora_A: Tensor, p: float, seed: int | Tensor, scale: float = 1.0) -> Tensor:
@@ -254,11 +255,7 @@ def masked_grad_a(dyb: Tensor, x2: Tensor, p: float, seed: int | Tensor, scale: 
     T, n_in = x2.shape
     r = dyb.shape[1]
     bt, bn, warps, programs = (MASKED_CONFIG["grad_a"][k] for k in ("BT", "BN", "num_warps", "programs"))
-    n_blocks = triton.cdiv(n_in, bn)
-    # Split the T reduction so the grid fills the GPU; partial sums are added with torch.
-    splits = max(1, min(triton.cdiv(T, bt), programs // max(1, n_blocks)))
-    rows = triton.cdiv(triton.cdiv(T, splits), bt) * bt
-    splits = triton.cdiv(T, rows)
+    n_blocks, splits, rows = _row_splits(T, n_in, bt, bn, programs)
     part = torch.empty(splits, r, n_in, dtype=torch.float32, device=x2.device)
     _masked_grad_a_kernel[(n_blocks, splits)](
         dyb, x2, part, T, n_in, r, seed_tensor(seed, x2.device), p, scale / (1.0 - p), rows, dyb.stride(0), dyb.stride(1),
@@ -315,10 +312,11 @@ if triton is not None:
         tl.store(Z + offs, (a * u).to(Z.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _gated_backward_kernel(DZ, G, U, DYB, DU, PART, T, width, r, SEED, p, mult, rows_per_split, s_d0, s_d1,
-                               ACT: tl.constexpr, DROPOUT: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
-                               BR: tl.constexpr, IEEE: tl.constexpr):
+    def _gated_backward_kernel(DZ, G, U, DYB, A, DU, PART, T, width, r, SEED, p, mult, rows_per_split,
+                               s_d0, s_d1, s_a0, s_a1, ACT: tl.constexpr, DROPOUT: tl.constexpr,
+                               BT: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
         # For rows t of this split and columns n of this block (DZ, G, U, DU contiguous (T, width)):
+        #   with DROPOUT, first DZ += mult·keep(t, n)·(DYB·A)[t, n] (LoRA's share of dz);
         #   DU = DZ·act(G);  DZ <- DZ·U·act'(G)  (dg, in place);
         #   PART[split, :, n] = mult · Σ_t DYB[t, :]ᵀ · keep(t, n)·act(G[t, n])·U[t, n]
         pid_n = tl.program_id(0)
@@ -326,29 +324,87 @@ if triton is not None:
         rn = pid_n * BN + tl.arange(0, BN)
         rr = tl.arange(0, BR)
         acc = tl.zeros((BR, BN), dtype=tl.float32)
+        if DROPOUT:
+            seed = tl.load(SEED)
+            a_t = tl.load(A + rr[:, None] * s_a0 + rn[None, :] * s_a1, mask=(rr[:, None] < r) & (rn[None, :] < width),
+                          other=0.0)  # (BR, BN)
         t_start = split * rows_per_split
         for t0 in range(t_start, t_start + rows_per_split, BT):
             rt = t0 + tl.arange(0, BT)
             t_ok = rt < T
             ok = t_ok[:, None] & (rn[None, :] < width)
             offs = rt[:, None].to(tl.int64) * width + rn[None, :]
+            d = tl.load(DYB + rt[:, None] * s_d0 + rr[None, :] * s_d1, mask=t_ok[:, None] & (rr[None, :] < r),
+                        other=0.0)  # (BT, BR)
             dz = tl.load(DZ + offs, mask=ok, other=0.0).to(tl.float32)
             g = tl.load(G + offs, mask=ok, other=0.0).to(tl.float32)
             u = tl.load(U + offs, mask=ok, other=0.0).to(tl.float32)
             a, da = _act_and_grad(g, ACT)
-            tl.store(DU + offs, (dz * a).to(DU.dtype.element_ty), mask=ok)
-            tl.store(DZ + offs, (dz * u * da).to(DZ.dtype.element_ty), mask=ok)
             z = (a * u).to(G.dtype.element_ty)  # the forward's z, rounded as it was there
             if DROPOUT:
-                z = tl.where(_keep(tl.load(SEED), rt, rn, width, p), z, 0.0).to(G.dtype.element_ty)
-            d = tl.load(DYB + rr[:, None] * s_d1 + rt[None, :] * s_d0, mask=(rr[:, None] < r) & t_ok[None, :],
-                        other=0.0)  # (BR, BT) = DYBᵀ tile
+                keep = _keep(seed, rt, rn, width, p)
+                if IEEE:
+                    prod = tl.dot(d, a_t, input_precision="ieee")
+                else:
+                    prod = tl.dot(d, a_t)
+                dz += tl.where(keep, prod * mult, 0.0)
+                z = tl.where(keep, z, 0.0).to(G.dtype.element_ty)
+            tl.store(DU + offs, (dz * a).to(DU.dtype.element_ty), mask=ok)
+            tl.store(DZ + offs, (dz * u * da).to(DZ.dtype.element_ty), mask=ok)
             if IEEE:
-                acc += tl.dot(d, z, input_precision="ieee")
+                acc += tl.dot(tl.trans(d), z, input_precision="ieee")
             else:
-                acc += tl.dot(d, z)
+                acc += tl.dot(tl.trans(d), z)
         out = PART + split * r * width + rr[:, None] * width + rn[None, :]
         tl.store(out, acc * mult, mask=(rr[:, None] < r) & (rn[None, :] < width))
+
+    @triton.jit
+    def _masked_backward_kernel(DX, X, DYB, A, PART, T, n_in, r, SEED, p, mult, rows_per_split,
+                                s_dx0, s_dx1, s_x0, s_x1, s_d0, s_d1, s_a0, s_a1,
+                                BT: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
+        # Both dropout terms of a LoRA layer's backward from one mask per tile, mult = s/(1-p):
+        #   DX[t, n] += mult·keep(t, n)·(DYB·A)[t, n];
+        #   PART[split, :, n] = mult · Σ_{t in split} DYB[t, :]ᵀ · keep(t, n)·X[t, n]
+        pid_n = tl.program_id(0)
+        split = tl.program_id(1)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rr = tl.arange(0, BR)
+        seed = tl.load(SEED)
+        a_t = tl.load(A + rr[:, None] * s_a0 + rn[None, :] * s_a1, mask=(rr[:, None] < r) & (rn[None, :] < n_in),
+                      other=0.0)  # (BR, BN)
+        acc = tl.zeros((BR, BN), dtype=tl.float32)
+        t_start = split * rows_per_split
+        for t0 in range(t_start, t_start + rows_per_split, BT):
+            rt = t0 + tl.arange(0, BT)
+            t_ok = rt < T
+            ok = t_ok[:, None] & (rn[None, :] < n_in)
+            d = tl.load(DYB + rt[:, None] * s_d0 + rr[None, :] * s_d1, mask=t_ok[:, None] & (rr[None, :] < r),
+                        other=0.0)  # (BT, BR)
+            keep = _keep(seed, rt, rn, n_in, p)
+            if IEEE:
+                prod = tl.dot(d, a_t, input_precision="ieee")
+            else:
+                prod = tl.dot(d, a_t)
+            ptr = DX + rt[:, None] * s_dx0 + rn[None, :] * s_dx1
+            dx = tl.load(ptr, mask=ok, other=0.0).to(tl.float32) + tl.where(keep, prod * mult, 0.0)
+            tl.store(ptr, dx.to(DX.dtype.element_ty), mask=ok)
+            x = tl.load(X + rt[:, None] * s_x0 + rn[None, :] * s_x1, mask=ok, other=0.0)
+            x = tl.where(keep, x, 0.0).to(X.dtype.element_ty)
+            if IEEE:
+                acc += tl.dot(tl.trans(d), x, input_precision="ieee")
+            else:
+                acc += tl.dot(tl.trans(d), x)
+        out = PART + split * r * n_in + rr[:, None] * n_in + rn[None, :]
+        tl.store(out, acc * mult, mask=(rr[:, None] < r) & (rn[None, :] < n_in))
+
+
+def _row_splits(T: int, width: int, bt: int, bn: int, programs: int) -> tuple[int, int, int]:
+    """(column blocks, row splits, rows per split) for kernels that reduce over rows: about
+    `programs` programs in all, so the grid fills the GPU; partial sums are added with torch."""
+    n_blocks = triton.cdiv(width, bn)
+    splits = max(1, min(triton.cdiv(T, bt), programs // max(1, n_blocks)))
+    rows = triton.cdiv(triton.cdiv(T, splits), bt) * bt
+    return n_blocks, triton.cdiv(T, rows), rows
 
 
 def gated_act(g: Tensor, u: Tensor, act: str) -> Tensor:
@@ -366,26 +422,44 @@ GATED_BACKWARD_CONFIG = {"BT": 64, "BN": 64, "num_warps": 4, "programs": 1024}
 
 
 def gated_backward(dz: Tensor, g: Tensor, u: Tensor, dyb: Tensor, act: str, scale: float, p: float = 0.0,
-                   seed: int | Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                   seed: int | Tensor | None = None, lora_A: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(dg, du, dA) for z = act(g) ⊙ u feeding a LoRA layer, from dz = ∂L/∂z.
 
     dz, g, u: contiguous (T, width) of one dtype; dyb = dy·B (T, r). dA = s·dybᵀ·dropout(z)
     (r, width) comes out in float32, with z recomputed as `gated_act` makes it and the
-    dropout mask regenerated from `seed`. dg is written over dz (which is returned as dg).
+    dropout mask regenerated from `seed`. With dropout, dz is the base layer's share alone
+    and lora_A (r, width), in dz's dtype, is required: the kernel adds the LoRA share
+    s·(dyb·A)⊙mask/(1-p) with the same mask. dg is written over dz (which is returned as dg).
     """
     T, width = g.shape
     r = dyb.shape[1]
+    dropout = bool(p)
+    if dropout and lora_A is None:
+        raise ValueError("gated_backward with dropout needs lora_A to add the LoRA share of dz")
     du = torch.empty_like(u)
     bt, bn, warps, programs = (GATED_BACKWARD_CONFIG[k] for k in ("BT", "BN", "num_warps", "programs"))
-    n_blocks = triton.cdiv(width, bn)
-    splits = max(1, min(triton.cdiv(T, bt), programs // max(1, n_blocks)))
-    rows = triton.cdiv(triton.cdiv(T, splits), bt) * bt
-    splits = triton.cdiv(T, rows)
+    n_blocks, splits, rows = _row_splits(T, width, bt, bn, programs)
     part = torch.empty(splits, r, width, dtype=torch.float32, device=g.device)
-    dropout = bool(p)
-    seed_t = seed_tensor(seed if dropout else 0, g.device) if dropout else part  # unread without dropout
+    seed_t = seed_tensor(seed, g.device) if dropout else part  # unread without dropout
+    a = lora_A if dropout else dyb  # unread without dropout
     _gated_backward_kernel[(n_blocks, splits)](
-        dz, g, u, dyb, du, part, T, width, r, seed_t, float(p), scale / (1.0 - p), rows, dyb.stride(0),
-        dyb.stride(1), ACT=GATED_KERNEL_ACTS[act], DROPOUT=dropout, BT=bt, BN=bn, BR=_br(r), IEEE=_ieee(g),
-        num_warps=warps)
+        dz, g, u, dyb, a, du, part, T, width, r, seed_t, float(p), scale / (1.0 - p), rows, dyb.stride(0),
+        dyb.stride(1), a.stride(0), a.stride(1), ACT=GATED_KERNEL_ACTS[act], DROPOUT=dropout, BT=bt, BN=bn,
+        BR=_br(r), IEEE=_ieee(g), num_warps=warps)
     return dz, du, part.sum(0) if splits > 1 else part[0]
+
+
+def masked_backward_(dx: Tensor, x2: Tensor, dyb: Tensor, lora_A: Tensor, scale: float, p: float,
+                     seed: int | Tensor) -> Tensor:
+    """A dropout LoRA layer's two backward terms from one mask: dx += s·(dyB·A)⊙mask/(1-p) in
+    place, and returns dA = s·dyBᵀ·(x⊙mask)/(1-p) in float32. dx, x2 (T, in); dyb (T, r); A (r, in)."""
+    T, n_in = x2.shape
+    r = dyb.shape[1]
+    cfg = MASKED_CONFIG["backward"]
+    n_blocks, splits, rows = _row_splits(T, n_in, cfg["BT"], cfg["BN"], cfg["programs"])
+    part = torch.empty(splits, r, n_in, dtype=torch.float32, device=x2.device)
+    _masked_backward_kernel[(n_blocks, splits)](
+        dx, x2, dyb, lora_A, part, T, n_in, r, seed_tensor(seed, x2.device), p, scale / (1.0 - p), rows,
+        dx.stride(0), dx.stride(1), x2.stride(0), x2.stride(1), dyb.stride(0), dyb.stride(1), lora_A.stride(0),
+        lora_A.stride(1), BT=cfg["BT"], BN=cfg["BN"], BR=_br(r), IEEE=_ieee(x2), num_warps=cfg["num_warps"])
+    return part.sum(0) if splits > 1 else part[0]
