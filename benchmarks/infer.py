@@ -32,6 +32,8 @@ import time
 import torch
 from train_step import capture, llama_1b_config, replay_times
 
+from lorakit.ops import multi
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 N_ADAPTERS = 16
 DEVICE = "cuda"
@@ -233,7 +235,18 @@ def main() -> None:
         with lorakit.route(lk, decode_rows):
             return decode_run(lk, prompt, steps)
 
-    decode_runs = {"base": lambda s: decode_run(base, prompt, s), "lorakit 16 adapters (route)": mixed_decode}
+    def forced(gather: bool, fn):
+        """fn run with lorakit's decode route forced (ops.multi.DECODE_GATHER)."""
+        def run(*a):
+            default, multi.DECODE_GATHER = multi.DECODE_GATHER, gather
+            try:
+                return fn(*a)
+            finally:
+                multi.DECODE_GATHER = default
+        return run
+
+    decode_runs = {"base": lambda s: decode_run(base, prompt, s), "lorakit 16 adapters (route)": mixed_decode,
+                   "lorakit 16 adapters, gathered expand": forced(True, mixed_decode)}
     for fn in decode_runs.values():
         fn(4)  # warm-up
     samples = {run: [] for run in decode_runs}
@@ -253,7 +266,8 @@ def main() -> None:
                 return graphed_decode_run(lk, prompt, args.decode_steps)
 
         for run, fn in (("base", lambda: graphed_decode_run(base, prompt, args.decode_steps)),
-                        ("lorakit 16 adapters (route)", graphed_mixed)):
+                        ("lorakit 16 adapters (route)", graphed_mixed),
+                        ("lorakit 16 adapters, dense (3 calls)", forced(False, graphed_mixed))):
             try:
                 add("decode, CUDA graph", run, fn())
             except Exception as exc:  # say why and keep the other rows

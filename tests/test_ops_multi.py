@@ -197,3 +197,30 @@ def test_bf16_llama_shapes_match_float32(n_out, n_rows, seq):
     # float32 oracle from the same bf16 x and W, with the float32 factors
     want = per_row_reference(x, w, None, a_list, b_list, [scale] * n_adapters, rows)
     assert y.dtype == torch.bfloat16 and max(row_errors(y, want)) <= 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("seq", [1, 3])
+def test_gather_expand_add_equals_the_dense_route(dtype, seq):
+    """Decode's gathered expand (each token's own R columns of x·a_catᵀ) against the three-call
+    dense route, on the kernels (interpreted on a CPU) and on their torch fallback."""
+    g = torch.Generator().manual_seed(11)
+    n_in, n_out, rows = 40, 24, 5
+    a_list = [torch.randn(r, n_in, generator=g) for r in (2, 7, 4)]
+    b_list = [torch.randn(n_out, r, generator=g) for r in (2, 7, 4)]
+    a_stack, b_stack, R = multi.stack_adapters(a_list, b_list, [0.5, 1.0, 2.0], dtype, "cpu")
+    a_cat, b_cat = multi.dense_tables(a_stack, b_stack)
+    row_adapter = torch.tensor([2, -1, 0, 1, 2], dtype=torch.int32)
+    x2 = torch.randn(rows * seq, n_in, generator=g).to(dtype)
+    y0 = torch.randn(rows * seq, n_out, generator=g).to(dtype)
+    mask = multi.dense_row_mask(row_adapter, seq, 3, R, dtype)
+    want = multi.dense_expand_add_(y0.clone().float(), x2.float(), a_cat.float(), b_cat.float(), mask.float())
+    for on_kernels in (True, False):
+        fused.use_kernels_on_cpu(on_kernels)
+        try:
+            got = multi.gather_expand_add_(y0.clone(), x2, a_cat, b_stack, row_adapter, seq)
+        finally:
+            fused.use_kernels_on_cpu(False)
+        assert got.dtype == dtype
+        assert float((got.float() - want).norm() / want.norm()) < (1e-5 if dtype == torch.float32 else 3e-3)
+        assert torch.equal(got[seq:2 * seq], y0[seq:2 * seq])  # the row without an adapter is left alone

@@ -92,11 +92,12 @@ def test_fused_function_with_kernels_matches_reference(p):
         fused.use_kernels_on_cpu(False)
 
 
+@pytest.mark.parametrize("p", [0.3, 0.5, 0.1])  # 0.5·2²⁴ is a whole number: the threshold's edge case
 @pytest.mark.parametrize("seed", [0, 5, 2**31 - 2])
-def test_torch_mask_equals_kernel_mask(seed):
+def test_torch_mask_equals_kernel_mask(seed, p):
     for shape in [(300, 70), (1, 5), (64, 129)]:
-        kernel = tk.dropout_keep_mask(shape, 0.3, seed, DEVICE)
-        torch_mask = tk.keep_mask_torch(shape, 0.3, tk.seed_tensor(seed, DEVICE))
+        kernel = tk.dropout_keep_mask(shape, p, seed, DEVICE)
+        torch_mask = tk.keep_mask_torch(shape, p, tk.seed_tensor(seed, DEVICE))
         assert torch.equal(kernel, torch_mask)
 
 

@@ -250,9 +250,12 @@ class LoraLinear(LoraLayer):
                 and not kwargs and not (torch.is_grad_enabled() or self.disabled or self.merged_adapters
                                         or torch.is_autocast_enabled(x.device.type))):
             # decode: every step repeats the last step's shapes; skip the bookkeeping below
-            _, _, weight, bias, a_cat, b_cat, mask = plan
+            _, _, weight, bias, a_cat, b_cat, mask, b_stack, row_adapter, seq = plan
             x2 = x.reshape(-1, x.shape[-1])
-            y2 = ops.multi.dense_expand_add_(F.linear(x2, weight, bias), x2, a_cat, b_cat, mask)
+            if ops.multi.gather_route(x2, b_stack):
+                y2 = ops.multi.gather_expand_add_(F.linear(x2, weight, bias), x2, a_cat, b_stack, row_adapter, seq)
+            else:
+                y2 = ops.multi.dense_expand_add_(F.linear(x2, weight, bias), x2, a_cat, b_cat, mask)
             return y2.view(*x.shape[:-1], self.out_features)
         self.check_routable()
         route = self.route
@@ -277,9 +280,13 @@ class LoraLinear(LoraLayer):
             mask = route.cached(("mask", tuple(names), rows, seq, r, x.dtype, x.device),
                                 lambda: ops.multi.dense_row_mask(row_adapter, seq, n, r, x.dtype))
             a_cat, b_cat = self.stacked(route, tuple(names), x.dtype, x.device, dense=True)
-            y = ops.multi.dense_expand_add_(y2, x2, a_cat, b_cat, mask)
+            if ops.multi.gather_route(x2, b_stack):
+                y = ops.multi.gather_expand_add_(y2, x2, a_cat, b_stack, row_adapter, seq)
+            else:
+                y = ops.multi.dense_expand_add_(y2, x2, a_cat, b_cat, mask)
             if plain:
-                self._plan = (route, (x.shape, x.dtype, self.training), weight, base.bias, a_cat, b_cat, mask)
+                self._plan = (route, (x.shape, x.dtype, self.training), weight, base.bias, a_cat, b_cat, mask,
+                              b_stack, row_adapter, seq)
         elif plain:
             y = ops.multi.multi_lora_linear(x3, weight, base.bias, a_stack, b_stack, row_adapter)
         else:

@@ -181,10 +181,12 @@ if triton is not None:
         tl.store(H + tok[:, None] * R + rr[None, :], acc, mask=t_ok[:, None])
 
     @triton.jit
-    def _expand_tile(H, B, adapter, tok, t_ok, rn, n_out, s_b0, s_b1, s_b2, R: tl.constexpr, IEEE: tl.constexpr):
-        # (BT, BN) float32 = H[tok, :]·B[adapter][rn, :]ᵀ, with H (T, R) float32 rounded to B's dtype.
+    def _expand_tile(H, B, adapter, tok, t_ok, rn, n_out, s_h0, h_col, s_b0, s_b1, s_b2, R: tl.constexpr,
+                     IEEE: tl.constexpr):
+        # (BT, BN) float32 = H[tok, h_col:h_col + R]·B[adapter][rn, :]ᵀ, with H rounded to B's dtype.
         rr = tl.arange(0, R)
-        h = tl.load(H + tok[:, None] * R + rr[None, :], mask=t_ok[:, None], other=0.0).to(B.dtype.element_ty)
+        h = tl.load(H + tok[:, None] * s_h0 + h_col + rr[None, :], mask=t_ok[:, None],
+                    other=0.0).to(B.dtype.element_ty)
         b = tl.load(B + adapter.to(tl.int64) * s_b0 + rn[None, :] * s_b1 + rr[:, None] * s_b2,
                     mask=rn[None, :] < n_out, other=0.0)  # (R, BN) = Bᵀ tile
         if IEEE:
@@ -206,16 +208,18 @@ if triton is not None:
         adapter = tl.load(ROWS + row)
         acc = tl.zeros((BT, BN), dtype=tl.float32)
         if adapter >= 0:
-            acc = _expand_tile(H, B, adapter, tok, t_ok, rn, n_out, s_b0, s_b1, s_b2, R, IEEE)
+            acc = _expand_tile(H, B, adapter, tok, t_ok, rn, n_out, R, 0, s_b0, s_b1, s_b2, R, IEEE)
         if HAS_BIAS:
             acc += tl.load(BIAS + rn, mask=rn < n_out, other=0.0).to(tl.float32)[None, :]
         tl.store(OUT + tok[:, None] * s_o0 + rn[None, :] * s_o1, acc.to(OUT.dtype.element_ty),
                  mask=t_ok[:, None] & (rn[None, :] < n_out))
 
     @triton.jit
-    def _expand_add_kernel(H, B, ROWS, Y, seq, n_out, s_b0, s_b1, s_b2, s_y0, s_y1,
-                           R: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+    def _expand_add_kernel(H, B, ROWS, Y, seq, n_out, s_h0, s_b0, s_b1, s_b2, s_y0, s_y1,
+                           R: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, GATHER: tl.constexpr,
+                           IEEE: tl.constexpr):
         # Y[t, n] += H[t, :]·B[a][n, :] on one (row, token block, column block); nothing where a = -1.
+        # With GATHER, H holds every adapter's R columns side by side and a's are taken.
         row = tl.program_id(0)
         rt = tl.program_id(1) * BT + tl.arange(0, BT)
         rn = tl.program_id(2) * BN + tl.arange(0, BN)
@@ -225,7 +229,11 @@ if triton is not None:
         if adapter >= 0:
             ok = t_ok[:, None] & (rn[None, :] < n_out)
             ptr = Y + tok[:, None] * s_y0 + rn[None, :] * s_y1
-            acc = _expand_tile(H, B, adapter, tok, t_ok, rn, n_out, s_b0, s_b1, s_b2, R, IEEE)
+            if GATHER:
+                h_col = adapter.to(tl.int64) * R
+            else:
+                h_col = 0
+            acc = _expand_tile(H, B, adapter, tok, t_ok, rn, n_out, s_h0, h_col, s_b0, s_b1, s_b2, R, IEEE)
             acc += tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
             tl.store(ptr, acc.to(Y.dtype.element_ty), mask=ok)
 
@@ -308,8 +316,8 @@ def lora_expand_add_(y2: Tensor, h: Tensor, b_stack: Tensor, row_adapter: Tensor
     if y2.numel():
         grid, bt, bn = _expand_grid(row_adapter.shape[0], seq, n_out, R)
         _expand_add_kernel[grid](
-            h, b_stack, row_adapter, y2, seq, n_out, b_stack.stride(0), b_stack.stride(1), b_stack.stride(2),
-            y2.stride(0), y2.stride(1), R=R, BT=bt, BN=bn, IEEE=b_stack.dtype == torch.float32,
+            h, b_stack, row_adapter, y2, seq, n_out, R, b_stack.stride(0), b_stack.stride(1), b_stack.stride(2),
+            y2.stride(0), y2.stride(1), R=R, BT=bt, BN=bn, GATHER=False, IEEE=b_stack.dtype == torch.float32,
             num_warps=NUM_WARPS)
     return y2
 
@@ -363,3 +371,38 @@ def dense_row_mask(row_adapter: Tensor, seq: int, n: int, r: int, dtype: torch.d
 def dense_expand_add_(y2: Tensor, x2: Tensor, a_cat: Tensor, b_cat: Tensor, mask: Tensor) -> Tensor:
     """In place: y2 += ((x2·a_catᵀ) ⊙ mask)·b_catᵀ; returns y2."""
     return y2.addmm_((x2 @ a_cat.T).mul_(mask), b_cat.T)
+
+
+# Replayed from a CUDA graph, a decode step costs what its kernels cost on the GPU, and there
+# two kernels beat three: x·a_catᵀ over all adapters (cuBLAS), then one Triton kernel that
+# takes each token's own adapter's R columns of it and adds their expand into y in place.
+# Eagerly the three library calls above cost the host less than a Triton launch, so the
+# gathered route is taken while a CUDA graph is being captured (None), always (True) or never.
+DECODE_GATHER: bool | None = None
+
+
+def gather_route(x: Tensor, b_stack: Tensor) -> bool:
+    """Whether decode takes `gather_expand_add_` (see DECODE_GATHER) for inputs like x."""
+    if DECODE_GATHER is False or not kernels_usable(b_stack, b_stack.shape[2]):
+        return False
+    return DECODE_GATHER or (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def gather_expand_add_(y2: Tensor, x2: Tensor, a_cat: Tensor, b_stack: Tensor, row_adapter: Tensor,
+                       seq: int) -> Tensor:
+    """In place: y2[t] += (x2[t]·A[a]ᵀ)·B[a]ᵀ with a = row_adapter[t // seq] (nothing where -1);
+    x2·a_catᵀ is computed for all adapters at once and each token's own R columns are expanded.
+    a_cat (N·R, in) from `dense_tables`, b_stack (N, out, R), both in x2's dtype; returns y2."""
+    n_out, R = b_stack.shape[1], b_stack.shape[2]
+    h_all = x2 @ a_cat.T  # (T, N·R)
+    if not kernels_usable(b_stack, R):
+        n = b_stack.shape[0]
+        mask = dense_row_mask(row_adapter, seq, n, R, x2.dtype)
+        return y2.addmm_(h_all.mul_(mask), b_stack.permute(1, 0, 2).reshape(n_out, n * R).T)
+    if y2.numel():
+        grid, bt, bn = _expand_grid(row_adapter.shape[0], seq, n_out, R)
+        _expand_add_kernel[grid](
+            h_all, b_stack, row_adapter, y2, seq, n_out, h_all.stride(0), b_stack.stride(0), b_stack.stride(1),
+            b_stack.stride(2), y2.stride(0), y2.stride(1), R=R, BT=bt, BN=bn, GATHER=True,
+            IEEE=b_stack.dtype == torch.float32, num_warps=NUM_WARPS)
+    return y2
