@@ -122,12 +122,13 @@ def gated(T: int = 8192, width: int = 8192, r: int = 16) -> None:
             ("backward: floor (torch, act(g) saved)", bench(floor_backward), 6),
             ("backward: lorakit before (torch + dA GEMM)", bench(torch_backward), 5),
             ]
+    default = dict(tk.GATED_BACKWARD_CONFIG)
     for bt, bn, warps, programs in [(64, 64, 4, 1024), (32, 128, 4, 1024), (64, 128, 8, 1024), (64, 64, 4, 2048),
                                     (128, 64, 8, 1024), (32, 64, 4, 4096)]:
         tk.GATED_BACKWARD_CONFIG.update(BT=bt, BN=bn, num_warps=warps, programs=programs)
         rows.append((f"backward: kernel BT={bt} BN={bn} warps={warps} programs~{programs}",
                      bench(lambda: tk.gated_backward(dz, g, u, dyb, "silu", 2.0)), 5))
-    tk.GATED_BACKWARD_CONFIG.update(BT=64, BN=64, num_warps=4, programs=1024)
+    tk.GATED_BACKWARD_CONFIG.update(default)
     a = torch.randn(r, width, device=dev, dtype=dt) * 0.02
     rows.append(("backward: kernel, dropout 0.1 (with LoRA's dz share)",
                  bench(lambda: tk.gated_backward(dz, g, u, dyb, "silu", 2.0, 0.1, 3, a)), 5))

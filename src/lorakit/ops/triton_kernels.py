@@ -238,10 +238,10 @@ def dropout_keep_mask(shape: tuple[int, int], p: float, seed: int | Tensor, devi
 
 # Tile sizes, warps and (for the dA reduction) about how many programs to split the rows over;
 # benchmarks/micro_lora_ops.py --masked times the choices.
-MASKED_CONFIG = {"shrink": {"BT": 64, "BK": 64, "num_warps": 4},
+MASKED_CONFIG = {"shrink": {"BT": 16, "BK": 256, "num_warps": 4},
                  "grad_a": {"BT": 64, "BN": 64, "num_warps": 4, "programs": 512},
                  "dx_add": {"BT": 64, "BN": 64, "num_warps": 4},
-                 "backward": {"BT": 64, "BN": 64, "num_warps": 4, "programs": 1024}}
+                 "backward": {"BT": 32, "BN": 128, "num_warps": 4, "programs": 1024}}
 
 
 def masked_shrink(x2: Tensor, lora_A: Tensor, p: float, seed: int | Tensor, scale: float = 1.0) -> Tensor:
@@ -424,7 +424,7 @@ def gated_act(g: Tensor, u: Tensor, act: str) -> Tensor:
 
 # Tile rows and columns, warps, and about how many programs to split the rows over
 # (benchmarks/micro_lora_ops.py --gated times the choices).
-GATED_BACKWARD_CONFIG = {"BT": 64, "BN": 64, "num_warps": 4, "programs": 1024}
+GATED_BACKWARD_CONFIG = {"BT": 32, "BN": 64, "num_warps": 4, "programs": 4096}
 
 
 def gated_backward(dz: Tensor, g: Tensor, u: Tensor, dyb: Tensor, act: str, scale: float, p: float = 0.0,
