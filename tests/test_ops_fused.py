@@ -253,6 +253,16 @@ def test_lora_layers_trace_without_graph_breaks(p):
     assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
 
 
+def test_dropout_threshold_traces_without_a_graph_break():
+    """The kernels' dropout threshold is worked out in Python on every call; under torch.compile it
+    must stay a constant (a torch.tensor(...).item() there broke the graph at every dropout layer).
+    The kernels themselves are traced only on a GPU (tests/test_gpu.py)."""
+    from lorakit.ops import triton_kernels as tk
+
+    fn = torch.compile(lambda x: x * tk._threshold(0.1), fullgraph=True, backend="eager")
+    assert float(fn(torch.ones(1))) == tk._threshold(0.1) == 1677722
+
+
 def tiny_qwen2():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

@@ -206,10 +206,12 @@ if triton is not None:
         tl.store(ptr, dx.to(DX.dtype.element_ty), mask=ok)
 
 
+@torch.compiler.assume_constant_result  # a Python number from a Python number: no graph break
 def _threshold(p: float) -> int:
     """The integer the kernels compare a position's 24 hash bits b with: b >= ceil(p₃₂·2²⁴) exactly
-    when b·2⁻²⁴ >= p₃₂, p rounded to float32 as `keep_mask_torch` compares it."""
-    return math.ceil(float(torch.tensor(float(p), dtype=torch.float32)) * 16777216.0)
+    when b·2⁻²⁴ >= p₃₂, p rounded to float32 (nearest, ties to even) as `keep_mask_torch` compares it."""
+    m, e = math.frexp(float(p))  # p = m·2^e, 0.5 <= m < 1
+    return math.ceil(math.ldexp(round(m * 16777216.0), e))  # m to 24 bits; then p₃₂·2²⁴ = (m·2²⁴)·2^e
 
 
 def _br(r: int) -> int:
