@@ -253,30 +253,6 @@ def test_lora_layers_trace_without_graph_breaks(p):
     assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
 
 
-def test_dropout_threshold_traces_without_a_graph_break():
-    """The kernels' dropout threshold is worked out in Python on every call; under torch.compile it
-    must stay a constant (a torch.tensor(...).item() there broke the graph at every dropout layer).
-    The kernels themselves are traced only on a GPU (tests/test_gpu.py)."""
-    import torch._dynamo as dynamo
-
-    from lorakit.ops import triton_kernels as tk
-
-    class Scaled(torch.autograd.Function):  # called where the fused nodes call it: forward and backward
-        @staticmethod
-        def forward(ctx, x, p):
-            ctx.p = p
-            return x * tk._threshold(p)
-
-        @staticmethod
-        def backward(ctx, g):
-            return g * tk._threshold(ctx.p), None
-
-    x = torch.ones(3, requires_grad=True)
-    explanation = dynamo.explain(lambda t: Scaled.apply(t, 0.1).sum())(x)
-    assert explanation.graph_break_count == 0, [str(b.reason)[:200] for b in explanation.break_reasons]
-    assert tk._threshold(0.1) == 1677722
-
-
 def tiny_qwen2():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

@@ -8,7 +8,6 @@ neither applies, the same function computes the result with torch.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -114,7 +113,7 @@ def keep_mask_torch(shape: tuple[int, int], p: float, seed: Tensor) -> Tensor:
 if triton is not None:
 
     @triton.jit
-    def _keep(seed, rows, cols, n_in, thr):  # seed: a scalar loaded from the seed tensor; thr: see _threshold
+    def _keep(seed, rows, cols, n_in, p):  # seed: a scalar loaded from the seed tensor
         pos = (rows[:, None] * n_in + cols[None, :]).to(tl.uint32)
         h = pos * 0x9E3779B1 + seed.to(tl.uint32)
         h = h ^ (h >> 16)
@@ -122,18 +121,19 @@ if triton is not None:
         h = h ^ (h >> 15)
         h = h * 0x846CA68B
         h = h ^ (h >> 16)
-        return (h >> 8) >= thr  # top 24 bits as u·2²⁴, u in [0, 1): u >= p without a float
+        u = (h >> 8).to(tl.float32) * (1.0 / 16777216.0)  # top 24 bits -> [0, 1)
+        return u >= p
 
     @triton.jit
-    def _mask_kernel(OUT, T, n_in, SEED, thr, BT: tl.constexpr, BN: tl.constexpr):
+    def _mask_kernel(OUT, T, n_in, SEED, p, BT: tl.constexpr, BN: tl.constexpr):
         rt = tl.program_id(0) * BT + tl.arange(0, BT)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         ok = (rt[:, None] < T) & (rn[None, :] < n_in)
-        keep = _keep(tl.load(SEED), rt, rn, n_in, thr)
+        keep = _keep(tl.load(SEED), rt, rn, n_in, p)
         tl.store(OUT + rt[:, None] * n_in + rn[None, :], keep.to(tl.int8), mask=ok)
 
     @triton.jit
-    def _masked_shrink_kernel(X, A, H, T, n_in, r, SEED, thr, mult,
+    def _masked_shrink_kernel(X, A, H, T, n_in, r, SEED, p, mult,
                               s_x0, s_x1, s_a0, s_a1, s_h0, s_h1,
                               BT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
         # H[t, :] = Σ_i mult·keep(t, i)·X[t, i] · A[:, i], mult = s/(1-p); one block of BT rows per program.
@@ -144,7 +144,7 @@ if triton is not None:
             rk = k0 + tl.arange(0, BK)
             ok = (rt[:, None] < T) & (rk[None, :] < n_in)
             x = tl.load(X + rt[:, None] * s_x0 + rk[None, :] * s_x1, mask=ok, other=0.0)
-            keep = _keep(tl.load(SEED), rt, rk, n_in, thr)
+            keep = _keep(tl.load(SEED), rt, rk, n_in, p)
             x = tl.where(keep, x * mult, 0.0).to(X.dtype.element_ty)
             a = tl.load(A + rr[None, :] * s_a0 + rk[:, None] * s_a1, mask=(rr[None, :] < r) & (rk[:, None] < n_in),
                         other=0.0)  # (BK, BR) = Aᵀ tile
@@ -156,7 +156,7 @@ if triton is not None:
                  mask=(rt[:, None] < T) & (rr[None, :] < r))
 
     @triton.jit
-    def _masked_grad_a_kernel(DYB, X, PART, T, n_in, r, SEED, thr, mult, rows_per_split,
+    def _masked_grad_a_kernel(DYB, X, PART, T, n_in, r, SEED, p, mult, rows_per_split,
                               s_d0, s_d1, s_x0, s_x1,
                               BT: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
         # PART[split, :, n] = Σ_{t in split} DYB[t, :]ᵀ · mult·keep(t, n)·X[t, n], mult = s/(1-p)
@@ -171,7 +171,7 @@ if triton is not None:
             t_ok = rt < T
             x = tl.load(X + rt[:, None] * s_x0 + rn[None, :] * s_x1, mask=t_ok[:, None] & (rn[None, :] < n_in),
                         other=0.0)
-            keep = _keep(tl.load(SEED), rt, rn, n_in, thr)
+            keep = _keep(tl.load(SEED), rt, rn, n_in, p)
             x = tl.where(keep, x * mult, 0.0).to(X.dtype.element_ty)
             d = tl.load(DYB + rr[:, None] * s_d1 + rt[None, :] * s_d0, mask=(rr[:, None] < r) & t_ok[None, :],
                         other=0.0)  # (BR, BT) = DYBᵀ tile
@@ -183,7 +183,7 @@ if triton is not None:
         tl.store(out, acc, mask=(rr[:, None] < r) & (rn[None, :] < n_in))
 
     @triton.jit
-    def _masked_dx_add_kernel(DX, DYB, A, T, n_in, r, SEED, thr, scale_keep,
+    def _masked_dx_add_kernel(DX, DYB, A, T, n_in, r, SEED, p, scale_keep,
                               s_dx0, s_dx1, s_d0, s_d1, s_a0, s_a1,
                               BT: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
         # DX[t, n] += s/(1-p) · keep(t, n) · Σ_k DYB[t, k] · A[k, n]
@@ -198,20 +198,12 @@ if triton is not None:
             prod = tl.dot(d, a, input_precision="ieee")
         else:
             prod = tl.dot(d, a)
-        keep = _keep(tl.load(SEED), rt, rn, n_in, thr)
+        keep = _keep(tl.load(SEED), rt, rn, n_in, p)
         ok = (rt[:, None] < T) & (rn[None, :] < n_in)
         ptr = DX + rt[:, None] * s_dx0 + rn[None, :] * s_dx1
         dx = tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
         dx += tl.where(keep, prod * scale_keep, 0.0)
         tl.store(ptr, dx.to(DX.dtype.element_ty), mask=ok)
-
-
-@torch.compiler.assume_constant_result  # a Python number from a Python number: no graph break
-def _threshold(p: float) -> int:
-    """The integer the kernels compare a position's 24 hash bits b with: b >= ceil(p₃₂·2²⁴) exactly
-    when b·2⁻²⁴ >= p₃₂, p rounded to float32 (nearest, ties to even) as `keep_mask_torch` compares it."""
-    m, e = math.frexp(float(p))  # p = m·2^e, 0.5 <= m < 1
-    return math.ceil(math.ldexp(round(m * 16777216.0), e))  # m to 24 bits; then p₃₂·2²⁴ = (m·2²⁴)·2^e
 
 
 def _br(r: int) -> int:
@@ -234,7 +226,7 @@ def dropout_keep_mask(shape: tuple[int, int], p: float, seed: int | Tensor, devi
     T, n_in = shape
     out = torch.empty(T, n_in, dtype=torch.int8, device=device)
     grid = (triton.cdiv(T, 32), triton.cdiv(n_in, 64))
-    _mask_kernel[grid](out, T, n_in, seed_tensor(seed, device), _threshold(p), BT=32, BN=64)
+    _mask_kernel[grid](out, T, n_in, seed_tensor(seed, device), p, BT=32, BN=64)
     return out.bool()
 
 
@@ -253,7 +245,7 @@ def masked_shrink(x2: Tensor, lora_A: Tensor, p: float, seed: int | Tensor, scal
     h = torch.empty(T, r, dtype=x2.dtype, device=x2.device)
     cfg = MASKED_CONFIG["shrink"]
     _masked_shrink_kernel[(triton.cdiv(T, cfg["BT"]),)](
-        x2, lora_A, h, T, n_in, r, seed_tensor(seed, x2.device), _threshold(p), scale / (1.0 - p), x2.stride(0), x2.stride(1),
+        x2, lora_A, h, T, n_in, r, seed_tensor(seed, x2.device), p, scale / (1.0 - p), x2.stride(0), x2.stride(1),
         lora_A.stride(0), lora_A.stride(1), h.stride(0), h.stride(1), BR=_br(r), IEEE=_ieee(x2), **cfg)
     return h
 
@@ -266,7 +258,7 @@ def masked_grad_a(dyb: Tensor, x2: Tensor, p: float, seed: int | Tensor, scale: 
     n_blocks, splits, rows = _row_splits(T, n_in, bt, bn, programs)
     part = torch.empty(splits, r, n_in, dtype=torch.float32, device=x2.device)
     _masked_grad_a_kernel[(n_blocks, splits)](
-        dyb, x2, part, T, n_in, r, seed_tensor(seed, x2.device), _threshold(p), scale / (1.0 - p), rows, dyb.stride(0), dyb.stride(1),
+        dyb, x2, part, T, n_in, r, seed_tensor(seed, x2.device), p, scale / (1.0 - p), rows, dyb.stride(0), dyb.stride(1),
         x2.stride(0), x2.stride(1), BT=bt, BN=bn, BR=_br(r), IEEE=_ieee(x2), num_warps=warps)
     return part.sum(0) if splits > 1 else part[0]
 
@@ -278,7 +270,7 @@ def masked_dx_add_(dx: Tensor, dyb: Tensor, lora_A: Tensor, scale: float, p: flo
     cfg = MASKED_CONFIG["dx_add"]
     grid = (triton.cdiv(T, cfg["BT"]), triton.cdiv(n_in, cfg["BN"]))
     _masked_dx_add_kernel[grid](
-        dx, dyb, lora_A, T, n_in, r, seed_tensor(seed, dx.device), _threshold(p), scale / (1.0 - p), dx.stride(0), dx.stride(1),
+        dx, dyb, lora_A, T, n_in, r, seed_tensor(seed, dx.device), p, scale / (1.0 - p), dx.stride(0), dx.stride(1),
         dyb.stride(0), dyb.stride(1), lora_A.stride(0), lora_A.stride(1), BR=_br(r), IEEE=_ieee(dx), **cfg)
     return dx
 
@@ -320,7 +312,7 @@ if triton is not None:
         tl.store(Z + offs, (a * u).to(Z.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _gated_backward_kernel(DZ, G, U, DYB, A, DU, PART, T, width, r, SEED, thr, mult, rows_per_split,
+    def _gated_backward_kernel(DZ, G, U, DYB, A, DU, PART, T, width, r, SEED, p, mult, rows_per_split,
                                s_d0, s_d1, s_a0, s_a1, ACT: tl.constexpr, DROPOUT: tl.constexpr,
                                BT: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
         # For rows t of this split and columns n of this block (DZ, G, U, DU contiguous (T, width)):
@@ -350,7 +342,7 @@ if triton is not None:
             a, da = _act_and_grad(g, ACT)
             z = (a * u).to(G.dtype.element_ty)  # the forward's z, rounded as it was there
             if DROPOUT:
-                keep = _keep(seed, rt, rn, width, thr)
+                keep = _keep(seed, rt, rn, width, p)
                 if IEEE:
                     prod = tl.dot(d, a_t, input_precision="ieee")
                 else:
@@ -367,7 +359,7 @@ if triton is not None:
         tl.store(out, acc * mult, mask=(rr[:, None] < r) & (rn[None, :] < width))
 
     @triton.jit
-    def _masked_backward_kernel(DX, X, DYB, A, PART, T, n_in, r, SEED, thr, mult, rows_per_split,
+    def _masked_backward_kernel(DX, X, DYB, A, PART, T, n_in, r, SEED, p, mult, rows_per_split,
                                 s_dx0, s_dx1, s_x0, s_x1, s_d0, s_d1, s_a0, s_a1,
                                 BT: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
         # Both dropout terms of a LoRA layer's backward from one mask per tile, mult = s/(1-p):
@@ -388,7 +380,7 @@ if triton is not None:
             ok = t_ok[:, None] & (rn[None, :] < n_in)
             d = tl.load(DYB + rt[:, None] * s_d0 + rr[None, :] * s_d1, mask=t_ok[:, None] & (rr[None, :] < r),
                         other=0.0)  # (BT, BR)
-            keep = _keep(seed, rt, rn, n_in, thr)
+            keep = _keep(seed, rt, rn, n_in, p)
             if IEEE:
                 prod = tl.dot(d, a_t, input_precision="ieee")
             else:
@@ -451,7 +443,7 @@ def gated_backward(dz: Tensor, g: Tensor, u: Tensor, dyb: Tensor, act: str, scal
     seed_t = seed_tensor(seed, g.device) if dropout else part  # unread without dropout
     a = lora_A if dropout else dyb  # unread without dropout
     _gated_backward_kernel[(n_blocks, splits)](
-        dz, g, u, dyb, a, du, part, T, width, r, seed_t, _threshold(p), scale / (1.0 - p), rows, dyb.stride(0),
+        dz, g, u, dyb, a, du, part, T, width, r, seed_t, float(p), scale / (1.0 - p), rows, dyb.stride(0),
         dyb.stride(1), a.stride(0), a.stride(1), ACT=GATED_KERNEL_ACTS[act], DROPOUT=dropout, BT=bt, BN=bn,
         BR=_br(r), IEEE=_ieee(g), num_warps=warps)
     return dz, du, part.sum(0) if splits > 1 else part[0]
@@ -467,7 +459,7 @@ def masked_backward_(dx: Tensor, x2: Tensor, dyb: Tensor, lora_A: Tensor, scale:
     n_blocks, splits, rows = _row_splits(T, n_in, cfg["BT"], cfg["BN"], cfg["programs"])
     part = torch.empty(splits, r, n_in, dtype=torch.float32, device=x2.device)
     _masked_backward_kernel[(n_blocks, splits)](
-        dx, x2, dyb, lora_A, part, T, n_in, r, seed_tensor(seed, x2.device), _threshold(p), scale / (1.0 - p), rows,
+        dx, x2, dyb, lora_A, part, T, n_in, r, seed_tensor(seed, x2.device), p, scale / (1.0 - p), rows,
         dx.stride(0), dx.stride(1), x2.stride(0), x2.stride(1), dyb.stride(0), dyb.stride(1), lora_A.stride(0),
         lora_A.stride(1), BT=cfg["BT"], BN=cfg["BN"], BR=_br(r), IEEE=_ieee(x2), num_warps=cfg["num_warps"])
     return part.sum(0) if splits > 1 else part[0]
