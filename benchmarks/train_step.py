@@ -33,20 +33,20 @@ import torch
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def llama_1b_config():
+def llama_1b_config(layers: int = 16):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+    return LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=layers,
                        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
                        rope_theta=500000.0, tie_word_embeddings=True, num_labels=2, pad_token_id=0)
 
 
-def build(method: str, r: int, dropout: float):
+def build(method: str, r: int, dropout: float, layers: int = 16):
     from transformers import LlamaForSequenceClassification
 
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = LlamaForSequenceClassification(llama_1b_config()).to(torch.bfloat16)
+        model = LlamaForSequenceClassification(llama_1b_config(layers)).to(torch.bfloat16)
     if method == "floor":
         model.requires_grad_(False)
         model.score.requires_grad_(True)
