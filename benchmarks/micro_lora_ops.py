@@ -130,8 +130,13 @@ def gated(T: int = 8192, width: int = 8192, r: int = 16) -> None:
                      bench(lambda: tk.gated_backward(dz, g, u, dyb, "silu", 2.0)), 5))
     tk.GATED_BACKWARD_CONFIG.update(default)
     a = torch.randn(r, width, device=dev, dtype=dt) * 0.02
-    rows.append(("backward: kernel, dropout 0.1 (with LoRA's dz share)",
-                 bench(lambda: tk.gated_backward(dz, g, u, dyb, "silu", 2.0, 0.1, 3, a)), 5))
+    default = dict(tk.GATED_BACKWARD_DROPOUT_CONFIG)
+    for bt, bn, warps, programs in [(32, 64, 4, 4096), (32, 64, 8, 4096), (32, 64, 8, 2048), (16, 64, 4, 4096),
+                                    (16, 64, 4, 8192), (64, 64, 8, 2048), (16, 128, 8, 4096)]:
+        tk.GATED_BACKWARD_DROPOUT_CONFIG.update(BT=bt, BN=bn, num_warps=warps, programs=programs)
+        rows.append((f"backward, dropout 0.1: kernel BT={bt} BN={bn} warps={warps} programs~{programs}",
+                     bench(lambda: tk.gated_backward(dz, g, u, dyb, "silu", 2.0, 0.1, 3, a)), 5))
+    tk.GATED_BACKWARD_DROPOUT_CONFIG.update(default)
     print(f"\n{'gated MLP elementwise (T=' + str(T) + ', width=' + str(width) + ')':<62} {'ms':>7} {'GB/s':>7}")
     for name, ms, tensors in rows:
         print(f"{name:<62} {ms:7.3f} {tensors * mb / ms:7.0f}")
@@ -164,11 +169,27 @@ def masked(T: int = 8192, r: int = 16) -> None:
         for cfg in [(64, 64, 4), (32, 128, 4), (64, 128, 8), (128, 64, 4)]:
             tk.MASKED_CONFIG["dx_add"] = dict(zip(("BT", "BN", "num_warps"), cfg))
             rows.append((f"dx kernel BT,BN,warps={cfg}", name, bench(lambda: tk.masked_dx_add_(dx, dyb, a, 2., 0.1, 3))))
-        for cfg in [(64, 64, 4, 1024), (32, 128, 4, 1024), (64, 128, 8, 1024), (64, 64, 4, 2048), (32, 64, 4, 2048)]:
+        for cfg in [(64, 64, 4, 1024), (32, 128, 4, 1024), (64, 128, 8, 1024), (64, 64, 4, 2048), (32, 64, 4, 2048),
+                    (32, 128, 8, 1024), (32, 64, 8, 2048)]:
             tk.MASKED_CONFIG["backward"] = dict(zip(("BT", "BN", "num_warps", "programs"), cfg))
             rows.append((f"dx + dA kernel BT,BN,warps,programs={cfg}", name,
                          bench(lambda: tk.masked_backward_(dx, x, dyb, a, 2., 0.1, 3))))
         tk.MASKED_CONFIG.update(default)
+    # The dropout forward's expand, y += h·Bᵀ, at each output width: cuBLAS in place (eager) and
+    # lorakit's in-place kernel (what a compiled model runs, where the compiler's addmm copies y first).
+    h = torch.randn(T, r, device=dev, dtype=dt)
+    for n_out in (2048, 8192):
+        y = torch.randn(T, n_out, device=dev, dtype=dt)
+        b = torch.randn(n_out, r, device=dev, dtype=dt) * 0.02
+        name = f"in={n_out}"  # the column this width's rows land in
+        rows.append(("expand y += h·Bᵀ: addmm_ (columns: out width)", name, bench(lambda: y.addmm_(h, b.T))))
+        rows.append(("expand: torch.addmm out of place (a copy of y first)", name,
+                     bench(lambda: torch.addmm(y, h, b.T))))
+        default = dict(tk.EXPAND_CONFIG)
+        for bt, bn, warps in [(64, 128, 4), (128, 128, 8), (64, 256, 8), (32, 128, 4)]:
+            tk.EXPAND_CONFIG.update(BT=bt, BN=bn, num_warps=warps)
+            rows.append((f"expand kernel BT,BN,warps={(bt, bn, warps)}", name, bench(lambda: tk.expand_add_(y, h, b))))
+        tk.EXPAND_CONFIG.update(default)
     print(f"\n{'dropout kernels (T=' + str(T) + ')':<58} " + " ".join(f"{k:>8}" for k in widths))
     for label in dict.fromkeys(r[0] for r in rows):
         print(f"{label:<58} " + " ".join(f"{ms:8.3f}" for lab, _, ms in rows if lab == label))

@@ -168,3 +168,42 @@ def test_gated_down_with_kernels_matches_reference(act, p, trainable_w, monkeypa
         assert len(calls) == (0 if trainable_w else 1)
     finally:
         fused.use_kernels_on_cpu(False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,n_out,r", [(70, 45, 5), (130, 256, 16), (33, 200, 1)])
+def test_expand_add_in_place(dtype, T, n_out, r):
+    y, h, b = rand(T, n_out, dtype=dtype), rand(T, r, dtype=dtype, seed=1), rand(n_out, r, dtype=dtype, seed=2)
+    want = y.double() + h.double() @ b.double().T
+    out = tk.expand_add_(y, h, b)
+    assert out.data_ptr() == y.data_ptr() and out.dtype == dtype
+    assert rel(y, want) < TOL[dtype]
+    # a row-strided output (every other row of a larger buffer) is updated where it lies, nothing else
+    buf = rand(2 * T, n_out, dtype=dtype, seed=3)
+    keep = buf[1::2].clone()
+    want = buf[::2].double() + h.double() @ b.double().T
+    tk.expand_add_(buf[::2], h, b)
+    assert rel(buf[::2], want) < TOL[dtype] and torch.equal(buf[1::2], keep)
+
+
+def test_compiled_dropout_forward_updates_y_in_place(monkeypatch):
+    """While torch.compile traces, the dropout forward adds the expand with the in-place kernel (the
+    compiler's out-of-place addmm would copy y first); eagerly it keeps addmm_. Same values either way.
+    (The interpreter cannot run under the compiler: the GPU test compiles the node with inductor.)"""
+    calls = []
+    real = tk.expand_add_
+    monkeypatch.setattr(tk, "expand_add_", lambda *args: calls.append(1) or real(*args))
+    fused.use_kernels_on_cpu(True)
+    try:
+        x2, w = rand(21, 40, seed=4), rand(24, 40, seed=5)
+        a, b, seed = rand(4, 40, seed=7), rand(24, 4, seed=8), tk.seed_tensor(77, DEVICE)
+        y_eager, h, *_ = fused._forward(x2, w, None, a, b, 0.5, 0.2, seed)
+        assert not calls
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        y_traced, h2, *_ = fused._forward(x2, w, None, a, b, 0.5, 0.2, seed)
+        assert calls, "the traced forward did not take the in-place expand kernel"
+        assert torch.equal(h, h2) and rel(y_traced, y_eager) < 1e-6
+        mask = tk.dropout_keep_mask((21, 40), 0.2, 77, DEVICE).float() / 0.8
+        assert rel(y_traced, x2 @ w.T + ((x2 * mask) @ a.T @ b.T) * 0.5) < 1e-5
+    finally:
+        fused.use_kernels_on_cpu(False)

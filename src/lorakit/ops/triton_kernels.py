@@ -206,6 +206,29 @@ if triton is not None:
         tl.store(ptr, dx.to(DX.dtype.element_ty), mask=ok)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _expand_add_kernel(Y, H, B, T, n_out, r, s_y0, s_y1, s_h0, s_h1, s_b0, s_b1,
+                           BT: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
+        # Y[t, n] += Σ_k H[t, k] · B[n, k] on one (BT, BN) tile, summed in float32 and rounded once.
+        rt = tl.program_id(0) * BT + tl.arange(0, BT)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        rr = tl.arange(0, BR)
+        h = tl.load(H + rt[:, None] * s_h0 + rr[None, :] * s_h1, mask=(rt[:, None] < T) & (rr[None, :] < r),
+                    other=0.0)  # (BT, BR)
+        b = tl.load(B + rn[None, :] * s_b0 + rr[:, None] * s_b1, mask=(rr[:, None] < r) & (rn[None, :] < n_out),
+                    other=0.0)  # (BR, BN) = Bᵀ tile
+        if IEEE:
+            acc = tl.dot(h, b, input_precision="ieee")
+        else:
+            acc = tl.dot(h, b)
+        ok = (rt[:, None] < T) & (rn[None, :] < n_out)
+        ptr = Y + rt[:, None] * s_y0 + rn[None, :] * s_y1
+        y = tl.load(ptr, mask=ok, other=0.0).to(tl.float32) + acc
+        tl.store(ptr, y.to(Y.dtype.element_ty), mask=ok)
+
+
 def _br(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
@@ -236,6 +259,22 @@ MASKED_CONFIG = {"shrink": {"BT": 16, "BK": 256, "num_warps": 4},
                  "grad_a": {"BT": 64, "BN": 64, "num_warps": 4, "programs": 512},
                  "dx_add": {"BT": 64, "BN": 64, "num_warps": 4},
                  "backward": {"BT": 32, "BN": 128, "num_warps": 4, "programs": 1024}}
+
+
+EXPAND_CONFIG = {"BT": 64, "BN": 128, "num_warps": 4}
+
+
+def expand_add_(y: Tensor, h: Tensor, lora_B: Tensor) -> Tensor:
+    """y += h·Bᵀ in place, summed in float32 and rounded once (as addmm_ with beta = 1 does):
+    y (T, out), h (T, r) and B (out, r) in one dtype. Under torch.compile this stays an
+    in-place update, where the compiler's out-of-place addmm would first copy y."""
+    T, n_out = y.shape
+    r = h.shape[1]
+    cfg = EXPAND_CONFIG
+    grid = (triton.cdiv(T, cfg["BT"]), triton.cdiv(n_out, cfg["BN"]))
+    _expand_add_kernel[grid](y, h, lora_B, T, n_out, r, y.stride(0), y.stride(1), h.stride(0), h.stride(1),
+                             lora_B.stride(0), lora_B.stride(1), BR=_br(r), IEEE=_ieee(y), **cfg)
+    return y
 
 
 def masked_shrink(x2: Tensor, lora_A: Tensor, p: float, seed: int | Tensor, scale: float = 1.0) -> Tensor:
@@ -417,8 +456,12 @@ def gated_act(g: Tensor, u: Tensor, act: str) -> Tensor:
 
 
 # Tile rows and columns, warps, and about how many programs to split the rows over
-# (benchmarks/micro_lora_ops.py --gated times the choices).
+# (benchmarks/micro_lora_ops.py --gated times the choices). The dropout variant has its own
+# entry: at the same tile it needs about twice the registers (187 a thread at BT=32, BN=64,
+# 4 warps, compiled for sm_90 by Triton 3.6, against 96 without dropout; 80 with 8 warps),
+# which caps it at 8 resident warps a multiprocessor (benchmarks/kernel_resources.py).
 GATED_BACKWARD_CONFIG = {"BT": 32, "BN": 64, "num_warps": 4, "programs": 4096}
+GATED_BACKWARD_DROPOUT_CONFIG = {"BT": 32, "BN": 64, "num_warps": 4, "programs": 4096}
 
 
 def gated_backward(dz: Tensor, g: Tensor, u: Tensor, dyb: Tensor, act: str, scale: float, p: float = 0.0,
@@ -437,7 +480,8 @@ def gated_backward(dz: Tensor, g: Tensor, u: Tensor, dyb: Tensor, act: str, scal
     if dropout and lora_A is None:
         raise ValueError("gated_backward with dropout needs lora_A to add the LoRA share of dz")
     du = torch.empty_like(u)
-    bt, bn, warps, programs = (GATED_BACKWARD_CONFIG[k] for k in ("BT", "BN", "num_warps", "programs"))
+    cfg = GATED_BACKWARD_DROPOUT_CONFIG if dropout else GATED_BACKWARD_CONFIG
+    bt, bn, warps, programs = (cfg[k] for k in ("BT", "BN", "num_warps", "programs"))
     n_blocks, splits, rows = _row_splits(T, width, bt, bn, programs)
     part = torch.empty(splits, r, width, dtype=torch.float32, device=g.device)
     seed_t = seed_tensor(seed, g.device) if dropout else part  # unread without dropout
