@@ -154,6 +154,8 @@ def main() -> None:
     parser.add_argument("--peft-decode-steps", type=int, default=32, help="PEFT's mixed decode is slow; fewer steps")
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--skip-graphs", action="store_true", help="leave out the CUDA-graph decode rows")
+    parser.add_argument("--fused-cols", default="2048,512",
+                        help="output columns a program for the graphed one-launch decode rows, comma-separated")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     import transformers
@@ -235,18 +237,22 @@ def main() -> None:
         with lorakit.route(lk, decode_rows):
             return decode_run(lk, prompt, steps)
 
-    def forced(gather: bool, fn):
-        """fn run with lorakit's decode route forced (ops.multi.DECODE_GATHER)."""
+    def forced(gather: bool, fn, fused: bool = False, cols: int | None = None):
+        """fn run with lorakit's decode route forced (ops.multi.DECODE_GATHER, and DECODE_FUSED with
+        DECODE_FUSED_COLS output columns a program for the one-launch kernel)."""
         def run(*a):
-            default, multi.DECODE_GATHER = multi.DECODE_GATHER, gather
+            defaults = multi.DECODE_GATHER, multi.DECODE_FUSED, multi.DECODE_FUSED_COLS
+            multi.DECODE_GATHER, multi.DECODE_FUSED = gather, fused
+            multi.DECODE_FUSED_COLS = cols or multi.DECODE_FUSED_COLS
             try:
                 return fn(*a)
             finally:
-                multi.DECODE_GATHER = default
+                multi.DECODE_GATHER, multi.DECODE_FUSED, multi.DECODE_FUSED_COLS = defaults
         return run
 
     decode_runs = {"base": lambda s: decode_run(base, prompt, s), "lorakit 16 adapters (route)": mixed_decode,
-                   "lorakit 16 adapters, gathered expand": forced(True, mixed_decode)}
+                   "lorakit 16 adapters, gathered expand": forced(True, mixed_decode),
+                   "lorakit 16 adapters, fused decode kernel": forced(True, mixed_decode, fused=True)}
     for fn in decode_runs.values():
         fn(4)  # warm-up
     samples = {run: [] for run in decode_runs}
@@ -265,9 +271,12 @@ def main() -> None:
             with lorakit.route(lk, decode_rows):
                 return graphed_decode_run(lk, prompt, args.decode_steps)
 
-        for run, fn in (("base", lambda: graphed_decode_run(base, prompt, args.decode_steps)),
-                        ("lorakit 16 adapters (route)", graphed_mixed),
-                        ("lorakit 16 adapters, dense (3 calls)", forced(False, graphed_mixed))):
+        graph_runs = [("base", lambda: graphed_decode_run(base, prompt, args.decode_steps)),
+                      ("lorakit 16 adapters (route)", graphed_mixed),
+                      ("lorakit 16 adapters, dense (3 calls)", forced(False, graphed_mixed))]
+        graph_runs += [(f"lorakit 16 adapters, fused decode kernel, {cols} cols", forced(True, graphed_mixed, True, cols))
+                       for cols in map(int, args.fused_cols.split(","))]
+        for run, fn in graph_runs:
             try:
                 add("decode, CUDA graph", run, fn())
             except Exception as exc:  # say why and keep the other rows
@@ -277,10 +286,10 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     base_ms = {r["kind"]: r["ms"] for r in rows if r["run"] == "base"}
-    print(f"\n{'work':<18} {'run':<36} {'ms':>9} {'× base':>7}")
+    print(f"\n{'work':<18} {'run':<58} {'ms':>9} {'× base':>7}")
     for r in rows:
         ratio = f"{r['ms'] / base_ms[r['kind']]:>7.2f}" if r["kind"] in base_ms else "      -"
-        print(f"{r['kind']:<18} {r['run']:<36} {r['ms']:>9.3f} {ratio}")
+        print(f"{r['kind']:<18} {r['run']:<58} {r['ms']:>9.3f} {ratio}")
     print("(prefill: ms per forward of 16 × 512; decode: ms per step of 64 rows)")
 
 

@@ -150,8 +150,14 @@ def test_bf16_compiled_matches_eager(p, custom_ops, monkeypatch):
         assert rel(g1, g2) < 2e-2
 
 
-@pytest.mark.parametrize("seq", [1, 300])  # the few-token dense path and the Triton kernels
-def test_bf16_mixed_batch_matches_each_row_alone(seq):
+@pytest.mark.parametrize("seq,decode", [(1, "dense"), (1, "gathered"), (1, "fused"), (300, "dense")])
+def test_bf16_mixed_batch_matches_each_row_alone(seq, decode, monkeypatch):
+    """seq 1: the few-token route (three library calls, the gathered expand, the one-launch decode
+    kernel); seq 300: the prefill kernels."""
+    from lorakit.ops import multi
+
+    monkeypatch.setattr(multi, "DECODE_GATHER", decode != "dense")
+    monkeypatch.setattr(multi, "DECODE_FUSED", decode == "fused")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)

@@ -224,3 +224,48 @@ def test_gather_expand_add_equals_the_dense_route(dtype, seq):
         assert got.dtype == dtype
         assert float((got.float() - want).norm() / want.norm()) < (1e-5 if dtype == torch.float32 else 3e-3)
         assert torch.equal(got[seq:2 * seq], y0[seq:2 * seq])  # the row without an adapter is left alone
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("seq", [1, 3])
+@pytest.mark.parametrize("n_out,cols", [(24, 2048), (600, 256)])  # one slice of columns; three, the last ragged
+def test_fused_decode_add_equals_the_dense_route(dtype, seq, n_out, cols, monkeypatch):
+    """Decode's one-launch kernel (each token's shrink and expand in one program) against the
+    three-call dense route, on the kernel (interpreted on a CPU) and on its torch fallback."""
+    monkeypatch.setattr(multi, "DECODE_FUSED_COLS", cols)
+    g = torch.Generator().manual_seed(12)
+    n_in, rows = 300, 5  # in: a ragged last BLOCK_K step
+    a_list = [torch.randn(r, n_in, generator=g) for r in (2, 7, 4)]
+    b_list = [torch.randn(n_out, r, generator=g) for r in (2, 7, 4)]
+    a_stack, b_stack, R = multi.stack_adapters(a_list, b_list, [0.5, 1.0, 2.0], dtype, "cpu")
+    a_cat, b_cat = multi.dense_tables(a_stack, b_stack)
+    row_adapter = torch.tensor([2, -1, 0, 1, 2], dtype=torch.int32)
+    x2 = torch.randn(rows * seq, n_in, generator=g).to(dtype)
+    y0 = torch.randn(rows * seq, n_out, generator=g).to(dtype)
+    mask = multi.dense_row_mask(row_adapter, seq, 3, R, dtype)
+    want = multi.dense_expand_add_(y0.clone().float(), x2.float(), a_cat.float(), b_cat.float(), mask.float())
+    for on_kernels in (True, False):
+        fused.use_kernels_on_cpu(on_kernels)
+        try:
+            y = y0.clone()
+            got = multi.fused_decode_add_(y, x2, a_stack, b_stack, row_adapter, seq)
+            monkeypatch.setattr(multi, "DECODE_FUSED", True)  # the same through the gathered route's switch
+            via_route = multi.gather_expand_add_(y0.clone(), x2, a_cat, b_stack, row_adapter, seq)
+            monkeypatch.setattr(multi, "DECODE_FUSED", False)
+        finally:
+            fused.use_kernels_on_cpu(False)
+        assert got.data_ptr() == y.data_ptr() and got.dtype == dtype
+        for out in (got, via_route):
+            assert float((out.float() - want).norm() / want.norm()) < (1e-5 if dtype == torch.float32 else 3e-3)
+            assert torch.equal(out[seq:2 * seq], y0[seq:2 * seq])  # the row without an adapter is left alone
+
+
+def test_fused_decode_add_rejects_mismatched_tables():
+    a_stack, b_stack, _ = multi.stack_adapters([torch.randn(4, 8)], [torch.randn(6, 4)], [1.0], torch.float32, "cpu")
+    x2, y2, rows = torch.randn(2, 8), torch.randn(2, 6), torch.tensor([0, -1], dtype=torch.int32)
+    with pytest.raises(ValueError, match="a_stack: expected shape"):
+        multi.fused_decode_add_(y2, torch.randn(2, 9), a_stack, b_stack, rows, 1)
+    with pytest.raises(ValueError, match="y2: expected shape"):
+        multi.fused_decode_add_(torch.randn(2, 7), x2, a_stack, b_stack, rows, 1)
+    with pytest.raises(ValueError, match="b_stack: expected shape"):
+        multi.fused_decode_add_(y2, x2, a_stack, b_stack.double(), rows, 1)

@@ -13,17 +13,18 @@ def rel(a, b):
     return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
 
 
-@pytest.fixture(params=["dense", "gather", "torch", "kernels"])
+@pytest.fixture(params=["dense", "gather", "fused-decode", "torch", "kernels"])
 def kernels(request, monkeypatch):
     """Each mixed-batch route: the dense few-token path (the tests' inputs are small), the same with
-    the gathered expand kernel that CUDA-graph capture takes, and with the few-token path turned
-    off the shrink/expand ops through their torch path and through the Triton kernels (interpreted
-    on a CPU)."""
-    if request.param not in ("dense", "gather"):
+    the gathered expand kernel that CUDA-graph capture takes, and with the one-launch decode kernel,
+    and with the few-token path turned off the shrink/expand ops through their torch path and
+    through the Triton kernels (interpreted on a CPU)."""
+    if request.param not in ("dense", "gather", "fused-decode"):
         monkeypatch.setattr(ops.multi, "DENSE_MAX_TOKENS", 0)
-    if request.param == "gather":
+    if request.param in ("gather", "fused-decode"):
         monkeypatch.setattr(ops.multi, "DECODE_GATHER", True)
-    fused.use_kernels_on_cpu(request.param in ("kernels", "gather"))
+    monkeypatch.setattr(ops.multi, "DECODE_FUSED", request.param == "fused-decode")
+    fused.use_kernels_on_cpu(request.param in ("kernels", "gather", "fused-decode"))
     yield request.param
     fused.use_kernels_on_cpu(False)
 

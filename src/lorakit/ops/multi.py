@@ -381,6 +381,17 @@ def dense_expand_add_(y2: Tensor, x2: Tensor, a_cat: Tensor, b_cat: Tensor, mask
 DECODE_GATHER: bool | None = None
 
 
+# One launch instead of two: a program per token (and per slice of at most DECODE_FUSED_COLS
+# output columns) computes its own adapter's h = x·Aᵀ (R numbers) and adds h·Bᵀ into y. The
+# shrink is then recomputed once per slice of a wide output, and each program reads its
+# adapter's A and B once. Off until measured against the two-kernel route on a GPU
+# (benchmarks/infer.py's "fused decode kernel" row); True takes it wherever the gathered
+# route runs.
+DECODE_FUSED = False
+DECODE_FUSED_COLS = 2048  # output columns per program
+DECODE_FUSED_BLOCK_K, DECODE_FUSED_BLOCK_N = 256, 256
+
+
 def gather_route(x: Tensor, b_stack: Tensor) -> bool:
     """Whether decode takes `gather_expand_add_` (see DECODE_GATHER) for inputs like x."""
     if DECODE_GATHER is False or not kernels_usable(b_stack, b_stack.shape[2]):
@@ -394,6 +405,8 @@ def gather_expand_add_(y2: Tensor, x2: Tensor, a_cat: Tensor, b_stack: Tensor, r
     x2·a_catᵀ is computed for all adapters at once and each token's own R columns are expanded.
     a_cat (N·R, in) from `dense_tables`, b_stack (N, out, R), both in x2's dtype; returns y2."""
     n_out, R = b_stack.shape[1], b_stack.shape[2]
+    if DECODE_FUSED and kernels_usable(b_stack, R):
+        return fused_decode_add_(y2, x2, a_cat.view(b_stack.shape[0], R, -1), b_stack, row_adapter, seq)
     h_all = x2 @ a_cat.T  # (T, N·R)
     if not kernels_usable(b_stack, R):
         n = b_stack.shape[0]
@@ -405,4 +418,65 @@ def gather_expand_add_(y2: Tensor, x2: Tensor, a_cat: Tensor, b_stack: Tensor, r
             h_all, b_stack, row_adapter, y2, seq, n_out, h_all.stride(0), b_stack.stride(0), b_stack.stride(1),
             b_stack.stride(2), y2.stride(0), y2.stride(1), R=R, BT=bt, BN=bn, GATHER=True,
             IEEE=b_stack.dtype == torch.float32, num_warps=NUM_WARPS)
+    return y2
+
+
+if triton is not None:
+
+    @triton.jit
+    def _fused_decode_kernel(X, A, B, ROWS, Y, seq, n_in, n_out, cols, s_x0, s_x1, s_a0, s_a1, s_a2,
+                             s_b0, s_b1, s_b2, s_y0, s_y1, R: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+        # Y[t, n] += (X[t, :]·A[a]ᵀ)·B[a][n, :] for token t and columns [split·cols, (split + 1)·cols),
+        # a = ROWS[t // seq]; nothing where a = -1. Products and sums in float32; h is rounded to B's
+        # dtype before the expand, as the two-kernel routes round it.
+        t = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1)
+        adapter = tl.load(ROWS + t // seq)
+        if adapter >= 0:
+            rr = tl.arange(0, R)
+            a_base = A + adapter.to(tl.int64) * s_a0
+            h = tl.zeros((R,), dtype=tl.float32)
+            for k0 in range(0, n_in, BK):
+                rk = k0 + tl.arange(0, BK)
+                k_ok = rk < n_in
+                x = tl.load(X + t * s_x0 + rk * s_x1, mask=k_ok, other=0.0).to(tl.float32)  # (BK,)
+                a = tl.load(a_base + rr[:, None] * s_a1 + rk[None, :] * s_a2, mask=k_ok[None, :],
+                            other=0.0).to(tl.float32)  # (R, BK)
+                h += tl.sum(a * x[None, :], axis=1)
+            h = h.to(B.dtype.element_ty).to(tl.float32)
+            b_base = B + adapter.to(tl.int64) * s_b0
+            n_start = split * cols
+            for n0 in range(n_start, n_start + cols, BN):
+                rn = n0 + tl.arange(0, BN)
+                n_ok = rn < n_out
+                b = tl.load(b_base + rn[:, None] * s_b1 + rr[None, :] * s_b2, mask=n_ok[:, None],
+                            other=0.0).to(tl.float32)  # (BN, R)
+                ptr = Y + t * s_y0 + rn * s_y1
+                y = tl.load(ptr, mask=n_ok, other=0.0).to(tl.float32) + tl.sum(b * h[None, :], axis=1)
+                tl.store(ptr, y.to(Y.dtype.element_ty), mask=n_ok)
+
+
+def fused_decode_add_(y2: Tensor, x2: Tensor, a_stack: Tensor, b_stack: Tensor, row_adapter: Tensor,
+                      seq: int) -> Tensor:
+    """In place, in one launch: y2[t] += (x2[t]·A[a]ᵀ)·B[a]ᵀ with a = row_adapter[t // seq] (nothing
+    where -1). x2 (T, in), y2 (T, out), a_stack (N, R, in) and b_stack (N, out, R, already scaled) in
+    one dtype; returns y2. Meant for a few tokens (decode): each token's program reads its adapter's
+    A and B, so the work grows with tokens × the adapter's size."""
+    _check_tokens("x2", x2, row_adapter, seq)
+    n_out, R = b_stack.shape[1], b_stack.shape[2]
+    _check_table("a_stack", a_stack, (R, x2.shape[1]), x2.dtype, x2.device)
+    _check_table("b_stack", b_stack, (n_out, R), x2.dtype, x2.device)
+    if y2.shape != (x2.shape[0], n_out) or y2.device != x2.device:
+        raise ValueError(f"y2: expected shape ({x2.shape[0]}, {n_out}) on {x2.device}; "
+                         f"found {tuple(y2.shape)} on {y2.device}")
+    if not kernels_usable(b_stack, R):
+        h = lora_shrink_torch(x2, a_stack, row_adapter, seq)
+        return lora_expand_add_torch(y2, h, b_stack, row_adapter, seq)
+    if y2.numel():
+        cols = min(DECODE_FUSED_COLS, triton.cdiv(n_out, DECODE_FUSED_BLOCK_N) * DECODE_FUSED_BLOCK_N)
+        _fused_decode_kernel[(x2.shape[0], triton.cdiv(n_out, cols))](
+            x2, a_stack, b_stack, row_adapter, y2, seq, x2.shape[1], n_out, cols, x2.stride(0), x2.stride(1),
+            a_stack.stride(0), a_stack.stride(1), a_stack.stride(2), b_stack.stride(0), b_stack.stride(1),
+            b_stack.stride(2), y2.stride(0), y2.stride(1), R=R, BK=DECODE_FUSED_BLOCK_K, BN=DECODE_FUSED_BLOCK_N,
+            num_warps=NUM_WARPS)
     return y2
