@@ -24,6 +24,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from lorakit.ops import multi  # noqa: E402
 from lorakit.ops import triton_kernels as tk  # noqa: E402
 
 T, HIDDEN, WIDTH, R = 8192, 2048, 8192, 16
@@ -97,6 +98,12 @@ def cases(sweep: bool):
         for bt, bn, w in tiles:
             yield f"gated backward{', dropout' if dropout else ''} BT={bt} BN={bn} warps={w}", \
                 tk._gated_backward_kernel, gated, dict(ACT=0, DROPOUT=dropout, BT=bt, BN=bn, BR=R, IEEE=False), w
+    decode = dict(X="bf16", A="bf16", B="bf16", ROWS="i32", Y="bf16", seq=1, n_in=HIDDEN, n_out=HIDDEN,
+                  cols=multi.DECODE_FUSED_COLS, s_x0=HIDDEN, s_x1=1, s_a0=R * HIDDEN, s_a1=HIDDEN, s_a2=1,
+                  s_b0=HIDDEN * R, s_b1=R, s_b2=1, s_y0=HIDDEN, s_y1=1)
+    yield f"decode, one launch (BK={multi.DECODE_FUSED_BLOCK_K} BN={multi.DECODE_FUSED_BLOCK_N})", \
+        multi._fused_decode_kernel, decode, dict(R=R, BK=multi.DECODE_FUSED_BLOCK_K, BN=multi.DECODE_FUSED_BLOCK_N), \
+        multi.NUM_WARPS
     e = tk.EXPAND_CONFIG
     yield f"expand add BT={e['BT']} BN={e['BN']} warps={e['num_warps']}", tk._expand_add_kernel, expand, \
         dict(BT=e["BT"], BN=e["BN"], BR=R, IEEE=False), e["num_warps"]
