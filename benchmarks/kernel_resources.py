@@ -105,7 +105,7 @@ def cases(sweep: bool):
         multi._fused_decode_kernel, decode, dict(R=R, BK=multi.DECODE_FUSED_BLOCK_K, BN=multi.DECODE_FUSED_BLOCK_N), \
         multi.NUM_WARPS
     e = tk.EXPAND_CONFIG
-    yield f"expand add BT={e['BT']} BN={e['BN']} warps={e['num_warps']}", tk._expand_add_kernel, expand, \
+    yield f"expand add BT={e['BT']} BN={e['BN']} warps={e['num_warps']}", tk._train_expand_add_kernel, expand, \
         dict(BT=e["BT"], BN=e["BN"], BR=R, IEEE=False), e["num_warps"]
 
 

@@ -25,13 +25,13 @@ from train_step import build
 
 # (kind, pattern) in order: the first pattern a kernel's name matches gives its kind.
 KINDS = [
+    ("compiler-fused (inductor)", r"^triton_"),
     ("GEMM (cuBLAS/CUTLASS)", r"gemm|xmma|cutlass|cublas|sm90_|nvjet|splitKreduce"),
     ("attention", r"flash|fmha|attention|sdpa|efficient"),
-    ("lorakit W_eff", r"_w_eff_kernel"),
-    ("lorakit dropout kernels", r"_masked_"),
-    ("lorakit gated-MLP kernels", r"_gated_"),
-    ("lorakit mixed-batch kernels", r"_shrink_kernel|_expand"),
-    ("compiler-fused (inductor)", r"^triton_"),
+    ("lorakit W_eff", r"^_w_eff_kernel"),
+    ("lorakit dropout kernels", r"^_masked_|^_train_expand_add_kernel"),
+    ("lorakit gated-MLP kernels", r"^_gated_"),
+    ("lorakit mixed-batch kernels", r"^_shrink_kernel|^_expand|^_fused_decode"),
     ("copies and casts", r"copy|cast|convert|Memcpy|Memset|fill"),
     ("optimizer", r"adam|multi_tensor|foreach"),
     ("reductions", r"reduce|sum|norm"),

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU checks and measurements of the fused paths, in the order they are needed, each under
+# its own time limit, in two parts that each fit one 10-minute command:
+#
+#   bash benchmarks/gpu_check.sh 1 [OUT_DIR]   # GPU tests, kernel micro-benchmarks, inference, eager and graphed steps (~7 min)
+#   bash benchmarks/gpu_check.sh 2 [OUT_DIR]   # the compiled training step, floor and lorakit (~8 min)
+#
+# Logs and JSON rows go to OUT_DIR (default: $OUT, else gpu-check/); each step's table is
+# printed as it finishes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+part="${1:-1}"
+out="${2:-${OUT:-gpu-check}}"
+mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+export PYTHONPATH="$PWD/src" PYTHONUNBUFFERED=1
+
+step() {  # step NAME SECONDS COMMAND...: run COMMAND with a time limit, log to OUT/NAME.txt, print its tail
+    local name="$1" limit="$2"
+    shift 2
+    echo "=== $name (limit ${limit}s)"
+    timeout "$limit" "$@" >"$out/$name.txt" 2>&1
+    echo "--- exit $?"
+    tail -n 25 "$out/$name.txt"
+}
+
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+if [ "$part" = 1 ]; then
+    step gpu-tests 240 python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_triton_kernels.py \
+        tests/test_ops_multi.py
+    cd benchmarks
+    step micro-gated 60 python micro_lora_ops.py --gated
+    step micro-masked 90 python micro_lora_ops.py --masked
+    step infer 120 python infer.py --skip-peft --reps 10 --decode-steps 64 --json "$out/infer.json"
+    step train-eager-graphed 90 python train_step.py --modes eager,graphed --methods floor,lorakit --dropouts 0,0.1 \
+        --json "$out/train-eager-graphed.json"
+elif [ "$part" = 2 ]; then
+    cd benchmarks
+    step train-compiled 540 python train_step.py --modes compiled --methods floor,lorakit --dropouts 0,0.1 \
+        --steps 6 --warm 2 --json "$out/train-compiled.json"
+else
+    echo "usage: bash benchmarks/gpu_check.sh 1|2 [OUT_DIR]" >&2
+    exit 2
+fi
