@@ -154,8 +154,8 @@ def main() -> None:
     parser.add_argument("--peft-decode-steps", type=int, default=32, help="PEFT's mixed decode is slow; fewer steps")
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--skip-graphs", action="store_true", help="leave out the CUDA-graph decode rows")
-    parser.add_argument("--fused-cols", default="2048,512",
-                        help="output columns a program for the graphed one-launch decode rows, comma-separated")
+    parser.add_argument("--fused-configs", default="2048:512:512:8,2048:256:256:4,1024:512:512:8,2048:1024:512:8",
+                        help="tiles of the graphed one-launch decode rows, COLS:BK:BN:WARPS, comma-separated")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     import transformers
@@ -237,17 +237,17 @@ def main() -> None:
         with lorakit.route(lk, decode_rows):
             return decode_run(lk, prompt, steps)
 
-    def forced(gather: bool, fn, fused: bool = False, cols: int | None = None):
+    def forced(gather: bool, fn, fused: bool = False, config: dict | None = None):
         """fn run with lorakit's decode route forced (ops.multi.DECODE_GATHER, and DECODE_FUSED with
-        DECODE_FUSED_COLS output columns a program for the one-launch kernel)."""
+        `config` for DECODE_FUSED_CONFIG, the one-launch kernel's tiles)."""
         def run(*a):
-            defaults = multi.DECODE_GATHER, multi.DECODE_FUSED, multi.DECODE_FUSED_COLS
+            defaults = multi.DECODE_GATHER, multi.DECODE_FUSED, multi.DECODE_FUSED_CONFIG
             multi.DECODE_GATHER, multi.DECODE_FUSED = gather, fused
-            multi.DECODE_FUSED_COLS = cols or multi.DECODE_FUSED_COLS
+            multi.DECODE_FUSED_CONFIG = config or multi.DECODE_FUSED_CONFIG
             try:
                 return fn(*a)
             finally:
-                multi.DECODE_GATHER, multi.DECODE_FUSED, multi.DECODE_FUSED_COLS = defaults
+                multi.DECODE_GATHER, multi.DECODE_FUSED, multi.DECODE_FUSED_CONFIG = defaults
         return run
 
     decode_runs = {"base": lambda s: decode_run(base, prompt, s), "lorakit 16 adapters (route)": mixed_decode,
@@ -274,8 +274,9 @@ def main() -> None:
         graph_runs = [("base", lambda: graphed_decode_run(base, prompt, args.decode_steps)),
                       ("lorakit 16 adapters (route)", graphed_mixed),
                       ("lorakit 16 adapters, dense (3 calls)", forced(False, graphed_mixed))]
-        graph_runs += [(f"lorakit 16 adapters, fused decode kernel, {cols} cols", forced(True, graphed_mixed, True, cols))
-                       for cols in map(int, args.fused_cols.split(","))]
+        for spec in args.fused_configs.split(","):
+            cfg = dict(zip(("cols", "BK", "BN", "num_warps"), map(int, spec.split(":"))))
+            graph_runs.append((f"lorakit 16 adapters, fused decode kernel {spec}", forced(True, graphed_mixed, True, cfg)))
         for run, fn in graph_runs:
             try:
                 add("decode, CUDA graph", run, fn())

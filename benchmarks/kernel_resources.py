@@ -98,12 +98,14 @@ def cases(sweep: bool):
         for bt, bn, w in tiles:
             yield f"gated backward{', dropout' if dropout else ''} BT={bt} BN={bn} warps={w}", \
                 tk._gated_backward_kernel, gated, dict(ACT=0, DROPOUT=dropout, BT=bt, BN=bn, BR=R, IEEE=False), w
+    d = multi.DECODE_FUSED_CONFIG
     decode = dict(X="bf16", A="bf16", B="bf16", ROWS="i32", Y="bf16", seq=1, n_in=HIDDEN, n_out=HIDDEN,
-                  cols=multi.DECODE_FUSED_COLS, s_x0=HIDDEN, s_x1=1, s_a0=R * HIDDEN, s_a1=HIDDEN, s_a2=1,
+                  cols=d["cols"], s_x0=HIDDEN, s_x1=1, s_a0=R * HIDDEN, s_a1=HIDDEN, s_a2=1,
                   s_b0=HIDDEN * R, s_b1=R, s_b2=1, s_y0=HIDDEN, s_y1=1)
-    yield f"decode, one launch (BK={multi.DECODE_FUSED_BLOCK_K} BN={multi.DECODE_FUSED_BLOCK_N})", \
-        multi._fused_decode_kernel, decode, dict(R=R, BK=multi.DECODE_FUSED_BLOCK_K, BN=multi.DECODE_FUSED_BLOCK_N), \
-        multi.NUM_WARPS
+    tiles = [(d["BK"], d["BN"], d["num_warps"])] + ([(256, 256, 4), (1024, 512, 8)] if sweep else [])
+    for bk, bn, w in tiles:
+        yield f"decode, one launch BK={bk} BN={bn} warps={w}", multi._fused_decode_kernel, decode, \
+            dict(R=R, BK=bk, BN=bn), w
     e = tk.EXPAND_CONFIG
     yield f"expand add BT={e['BT']} BN={e['BN']} warps={e['num_warps']}", tk._train_expand_add_kernel, expand, \
         dict(BT=e["BT"], BN=e["BN"], BR=R, IEEE=False), e["num_warps"]

@@ -228,11 +228,12 @@ def test_gather_expand_add_equals_the_dense_route(dtype, seq):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("seq", [1, 3])
-@pytest.mark.parametrize("n_out,cols", [(24, 2048), (600, 256)])  # one slice of columns; three, the last ragged
-def test_fused_decode_add_equals_the_dense_route(dtype, seq, n_out, cols, monkeypatch):
+@pytest.mark.parametrize("n_out,cols,bk,bn", [(24, 2048, 512, 512), (600, 256, 128, 128), (600, 300, 64, 256)])
+def test_fused_decode_add_equals_the_dense_route(dtype, seq, n_out, cols, bk, bn, monkeypatch):
     """Decode's one-launch kernel (each token's shrink and expand in one program) against the
-    three-call dense route, on the kernel (interpreted on a CPU) and on its torch fallback."""
-    monkeypatch.setattr(multi, "DECODE_FUSED_COLS", cols)
+    three-call dense route, on the kernel (interpreted on a CPU) and on its torch fallback; one
+    slice of columns, or several with the last ragged (cols rounded up to whole BN steps)."""
+    monkeypatch.setattr(multi, "DECODE_FUSED_CONFIG", dict(cols=cols, BK=bk, BN=bn, num_warps=4))
     g = torch.Generator().manual_seed(12)
     n_in, rows = 300, 5  # in: a ragged last BLOCK_K step
     a_list = [torch.randn(r, n_in, generator=g) for r in (2, 7, 4)]

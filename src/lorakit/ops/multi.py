@@ -381,15 +381,14 @@ def dense_expand_add_(y2: Tensor, x2: Tensor, a_cat: Tensor, b_cat: Tensor, mask
 DECODE_GATHER: bool | None = None
 
 
-# One launch instead of two: a program per token (and per slice of at most DECODE_FUSED_COLS
-# output columns) computes its own adapter's h = x·Aᵀ (R numbers) and adds h·Bᵀ into y. The
-# shrink is then recomputed once per slice of a wide output, and each program reads its
-# adapter's A and B once. Off until measured against the two-kernel route on a GPU
-# (benchmarks/infer.py's "fused decode kernel" row); True takes it wherever the gathered
-# route runs.
+# One launch instead of two: a program per token (and per slice of at most "cols" output
+# columns) computes its own adapter's h = x·Aᵀ (R numbers) and adds h·Bᵀ into y. The shrink
+# is recomputed once per slice of a wide output, and each program reads its adapter's A and B
+# once, in BK- and BN-wide steps (wide steps keep more loads in flight in each program's
+# serial loops). Off until measured against the two-kernel route on a GPU (benchmarks/infer.py's
+# "fused decode kernel" rows); True takes it wherever the gathered route runs.
 DECODE_FUSED = False
-DECODE_FUSED_COLS = 2048  # output columns per program
-DECODE_FUSED_BLOCK_K, DECODE_FUSED_BLOCK_N = 256, 256
+DECODE_FUSED_CONFIG = {"cols": 2048, "BK": 512, "BN": 512, "num_warps": 8}
 
 
 def gather_route(x: Tensor, b_stack: Tensor) -> bool:
@@ -473,10 +472,11 @@ def fused_decode_add_(y2: Tensor, x2: Tensor, a_stack: Tensor, b_stack: Tensor, 
         h = lora_shrink_torch(x2, a_stack, row_adapter, seq)
         return lora_expand_add_torch(y2, h, b_stack, row_adapter, seq)
     if y2.numel():
-        cols = min(DECODE_FUSED_COLS, triton.cdiv(n_out, DECODE_FUSED_BLOCK_N) * DECODE_FUSED_BLOCK_N)
+        cfg = DECODE_FUSED_CONFIG
+        bn = cfg["BN"]
+        cols = min(triton.cdiv(cfg["cols"], bn), triton.cdiv(n_out, bn)) * bn  # a whole number of BN steps
         _fused_decode_kernel[(x2.shape[0], triton.cdiv(n_out, cols))](
             x2, a_stack, b_stack, row_adapter, y2, seq, x2.shape[1], n_out, cols, x2.stride(0), x2.stride(1),
             a_stack.stride(0), a_stack.stride(1), a_stack.stride(2), b_stack.stride(0), b_stack.stride(1),
-            b_stack.stride(2), y2.stride(0), y2.stride(1), R=R, BK=DECODE_FUSED_BLOCK_K, BN=DECODE_FUSED_BLOCK_N,
-            num_warps=NUM_WARPS)
+            b_stack.stride(2), y2.stride(0), y2.stride(1), R=R, BK=cfg["BK"], BN=bn, num_warps=cfg["num_warps"])
     return y2
