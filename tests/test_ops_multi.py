@@ -199,31 +199,41 @@ def test_bf16_llama_shapes_match_float32(n_out, n_rows, seq):
     assert y.dtype == torch.bfloat16 and max(row_errors(y, want)) <= 1e-2
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("seq", [1, 3])
-def test_gather_expand_add_equals_the_dense_route(dtype, seq):
-    """Decode's gathered expand (each token's own R columns of x·a_catᵀ) against the three-call
-    dense route, on the kernels (interpreted on a CPU) and on their torch fallback."""
-    g = torch.Generator().manual_seed(11)
-    n_in, n_out, rows = 40, 24, 5
+def decode_case(dtype, seq, n_in, n_out, seed):
+    """Three adapters of ranks 2, 7 and 4 stacked in `dtype`, five rows (one without an adapter) of
+    `seq` tokens, a y to add into, and the three-call dense route's result in float32."""
+    g = torch.Generator().manual_seed(seed)
     a_list = [torch.randn(r, n_in, generator=g) for r in (2, 7, 4)]
     b_list = [torch.randn(n_out, r, generator=g) for r in (2, 7, 4)]
     a_stack, b_stack, R = multi.stack_adapters(a_list, b_list, [0.5, 1.0, 2.0], dtype, "cpu")
     a_cat, b_cat = multi.dense_tables(a_stack, b_stack)
     row_adapter = torch.tensor([2, -1, 0, 1, 2], dtype=torch.int32)
-    x2 = torch.randn(rows * seq, n_in, generator=g).to(dtype)
-    y0 = torch.randn(rows * seq, n_out, generator=g).to(dtype)
+    x2 = torch.randn(5 * seq, n_in, generator=g).to(dtype)
+    y0 = torch.randn(5 * seq, n_out, generator=g).to(dtype)
     mask = multi.dense_row_mask(row_adapter, seq, 3, R, dtype)
     want = multi.dense_expand_add_(y0.clone().float(), x2.float(), a_cat.float(), b_cat.float(), mask.float())
+    return a_stack, b_stack, a_cat, row_adapter, x2, y0, want
+
+
+def check_decode(out, want, y0, seq, dtype):
+    assert out.dtype == dtype
+    assert float((out.float() - want).norm() / want.norm()) < (1e-5 if dtype == torch.float32 else 3e-3)
+    assert torch.equal(out[seq:2 * seq], y0[seq:2 * seq])  # the row without an adapter is left alone
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("seq", [1, 3])
+def test_gather_expand_add_equals_the_dense_route(dtype, seq):
+    """Decode's gathered expand (each token's own R columns of x·a_catᵀ) against the three-call
+    dense route, on the kernels (interpreted on a CPU) and on their torch fallback."""
+    a_stack, b_stack, a_cat, row_adapter, x2, y0, want = decode_case(dtype, seq, 40, 24, 11)
     for on_kernels in (True, False):
         fused.use_kernels_on_cpu(on_kernels)
         try:
             got = multi.gather_expand_add_(y0.clone(), x2, a_cat, b_stack, row_adapter, seq)
         finally:
             fused.use_kernels_on_cpu(False)
-        assert got.dtype == dtype
-        assert float((got.float() - want).norm() / want.norm()) < (1e-5 if dtype == torch.float32 else 3e-3)
-        assert torch.equal(got[seq:2 * seq], y0[seq:2 * seq])  # the row without an adapter is left alone
+        check_decode(got, want, y0, seq, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -232,19 +242,10 @@ def test_gather_expand_add_equals_the_dense_route(dtype, seq):
 def test_fused_decode_add_equals_the_dense_route(dtype, seq, n_out, cols, bk, bn, monkeypatch):
     """Decode's one-launch kernel (each token's shrink and expand in one program) against the
     three-call dense route, on the kernel (interpreted on a CPU) and on its torch fallback; one
-    slice of columns, or several with the last ragged (cols rounded up to whole BN steps)."""
+    slice of columns, or several with the last ragged (cols rounded up to whole BN steps); in = 300
+    ends on a ragged BLOCK_K step."""
     monkeypatch.setattr(multi, "DECODE_FUSED_CONFIG", dict(cols=cols, BK=bk, BN=bn, num_warps=4))
-    g = torch.Generator().manual_seed(12)
-    n_in, rows = 300, 5  # in: a ragged last BLOCK_K step
-    a_list = [torch.randn(r, n_in, generator=g) for r in (2, 7, 4)]
-    b_list = [torch.randn(n_out, r, generator=g) for r in (2, 7, 4)]
-    a_stack, b_stack, R = multi.stack_adapters(a_list, b_list, [0.5, 1.0, 2.0], dtype, "cpu")
-    a_cat, b_cat = multi.dense_tables(a_stack, b_stack)
-    row_adapter = torch.tensor([2, -1, 0, 1, 2], dtype=torch.int32)
-    x2 = torch.randn(rows * seq, n_in, generator=g).to(dtype)
-    y0 = torch.randn(rows * seq, n_out, generator=g).to(dtype)
-    mask = multi.dense_row_mask(row_adapter, seq, 3, R, dtype)
-    want = multi.dense_expand_add_(y0.clone().float(), x2.float(), a_cat.float(), b_cat.float(), mask.float())
+    a_stack, b_stack, a_cat, row_adapter, x2, y0, want = decode_case(dtype, seq, 300, n_out, 12)
     for on_kernels in (True, False):
         fused.use_kernels_on_cpu(on_kernels)
         try:
@@ -255,10 +256,9 @@ def test_fused_decode_add_equals_the_dense_route(dtype, seq, n_out, cols, bk, bn
             monkeypatch.setattr(multi, "DECODE_FUSED", False)
         finally:
             fused.use_kernels_on_cpu(False)
-        assert got.data_ptr() == y.data_ptr() and got.dtype == dtype
+        assert got.data_ptr() == y.data_ptr()
         for out in (got, via_route):
-            assert float((out.float() - want).norm() / want.norm()) < (1e-5 if dtype == torch.float32 else 3e-3)
-            assert torch.equal(out[seq:2 * seq], y0[seq:2 * seq])  # the row without an adapter is left alone
+            check_decode(out, want, y0, seq, dtype)
 
 
 def test_fused_decode_add_rejects_mismatched_tables():

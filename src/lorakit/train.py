@@ -16,17 +16,14 @@ lorakit.distributed). Everything a run produces goes in one directory:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import os
 import random
 import re
 import resource
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from contextlib import nullcontext
@@ -37,129 +34,21 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 import lorakit
 from lorakit import data, distributed
 from lorakit.checkpoint import atomic_write
-
-TASKS = ("seq-cls", "causal-lm")
-SCHEDULES = ("linear", "cosine", "constant")
-BUNDLED_MODEL = "bundled:all-MiniLM-L6-v2"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a run needs; a recipe (TOML) sets any of these and the command line overrides them."""
-
-    recipe: str = "default"
-    model: str = BUNDLED_MODEL  # hub name, local directory, or bundled:all-MiniLM-L6-v2
-    task: str = "seq-cls"  # seq-cls or causal-lm
-    # data
-    dataset: str | None = None  # hub name, local directory, or bundled:spam
-    dataset_config: str | None = None
-    train_file: str | None = None
-    validation_file: str | None = None
-    test_file: str | None = None
-    text_column: str = "text"
-    label_column: str = "label"
-    prompt_column: str = "prompt"
-    response_column: str = "response"
-    labels: list[str] | None = None  # label names in id order; default: sorted training labels
-    val_fraction: float = 0.1  # held out of train when there is no validation split
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = None
-    max_length: int = 128
-    # method
-    method: str = "lora"  # lora, full or freeze-first:N
-    r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    target_modules: list[str] | None = None  # default: all linear layers but the head
-    modules_to_save: list[str] | None = None  # trained in full next to the adapter (the head always is)
-    layers_to_transform: list[int] | None = None
-    # optimisation
-    epochs: int = 1
-    max_steps: int | None = None  # overrides epochs
-    batch_size: int = 16
-    grad_accum: int = 1
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    schedule: str = "linear"  # linear, cosine or constant, after warmup
-    warmup_ratio: float = 0.1
-    warmup_steps: int | None = None  # overrides warmup_ratio
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float = 1.0  # 0 turns clipping off
-    # evaluation, logging, checkpoints
-    eval_every: int = 0  # steps; 0 evaluates at the end only
-    eval_before: bool = True  # evaluate the test split before training too
-    eval_batch_size: int = 64
-    log_every: int = 1
-    checkpoint_every: int = 100
-    # runtime
-    seed: int = 0
-    device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
-    precision: str = "auto"  # auto (bf16 autocast where the GPU or CPU has bf16 units), fp32 or bf16
-    threads: int | None = None  # CPU threads; default: the cores this process may use
-    gradient_checkpointing: bool = False
-    strategy: str = "auto"  # under torchrun: ddp, fsdp (FSDP2) or auto (fsdp when the model does not fit one GPU)
-    out: str | None = None  # default runs/<recipe>-<timestamp>
-
-
-# -- configuration ---------------------------------------------------------------------
-
-
-def check_keys(values: dict[str, Any], source: str) -> None:
-    """Raise on a key that is not a TrainConfig field, suggesting the closest one."""
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
-    for key in values:
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            raise ValueError(f"{source}: unknown setting {key!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
-
-
-def config_from_dict(values: dict[str, Any], source: str) -> TrainConfig:
-    """A TrainConfig from already-typed values (a run's config.json), checked."""
-    check_keys(values, source)
-    config = TrainConfig(**values)
-    check_config(config, source)
-    return config
-
-
-def check_config(c: TrainConfig, source: str) -> None:
-    problems = []
-    if c.task not in TASKS:
-        problems.append(f"task must be one of {TASKS}, got {c.task!r}")
-    if c.schedule not in SCHEDULES:
-        problems.append(f"schedule must be one of {SCHEDULES}, got {c.schedule!r}")
-    if c.precision not in ("auto", "fp32", "bf16"):
-        problems.append(f"precision must be auto, fp32 or bf16, got {c.precision!r}")
-    if c.strategy not in distributed.STRATEGIES:
-        problems.append(f"strategy must be one of {distributed.STRATEGIES}, got {c.strategy!r}")
-    for name in ("batch_size", "grad_accum", "epochs", "max_length", "eval_batch_size", "log_every", "checkpoint_every"):
-        if getattr(c, name) < 1:
-            problems.append(f"{name} must be at least 1, got {getattr(c, name)}")
-    if c.lr <= 0:
-        problems.append(f"lr must be positive, got {c.lr}")
-    try:
-        parse_method(c.method)
-    except ValueError as exc:
-        problems.append(str(exc))
-    if problems:
-        raise ValueError(f"{source}: " + "; ".join(problems))
-
-
-def parse_method(method: str) -> tuple[str, int]:
-    """("lora" | "full" | "freeze-first", N)."""
-    if method in ("lora", "full"):
-        return method, 0
-    head, _, count = method.partition(":")
-    if head == "freeze-first" and count.isdigit():
-        return head, int(count)
-    raise ValueError(f"method must be lora, full or freeze-first:N (N a number of blocks), got {method!r}")
-
+from lorakit.train_config import (  # noqa: F401 (re-exported: train.TrainConfig and friends)
+    BUNDLED_MODEL,
+    TASKS,
+    TrainConfig,
+    check_config,
+    check_keys,
+    config_from_dict,
+    parse_method,
+)
+from lorakit.train_state import latest_checkpoint, load_checkpoint, params_of, save_checkpoint
 
 # -- model -----------------------------------------------------------------------------
 
@@ -355,109 +244,6 @@ class TrainingDiverged(RuntimeError):
 
 class Interrupted(Exception):
     """Ctrl-C: a checkpoint was written; `lorakit train --resume RUN_DIR` continues."""
-
-
-def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
-                    world: distributed.World = distributed.SINGLE) -> Path:
-    """Write checkpoints/step-N atomically, then drop older ones.
-
-    Files go to a temporary directory that is renamed into place, and the `latest`
-    pointer is replaced last, so a kill at any moment leaves the previous checkpoint
-    complete and pointed to. In a distributed run every rank calls this with the
-    unwrapped model: FSDP2 shards are gathered into full tensors, and rank 0 writes
-    them with every rank's random generator states.
-    """
-    trainable = {n: distributed.full_tensor(p).cpu().contiguous()
-                 for n, p in model.named_parameters() if p.requires_grad}
-    opt = optimizer.state_dict()
-    opt_tensors = {f"{i}.{k}": distributed.full_tensor(v).cpu().contiguous()
-                   for i, s in opt["state"].items() for k, v in s.items()}
-    rng_states = distributed.gather_objects(world, own_rng_states(world))
-    root = run_dir / "checkpoints"
-    final = root / f"step-{state['step']:08d}"
-    if not world.is_main:
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    save_file(trainable, tmp / "trainable.safetensors")
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    rng = {rng_prefix(rank) + name: s for rank, states in enumerate(rng_states) for name, s in states.items()}
-    save_file(rng, tmp / "rng.safetensors")
-    full_state = {**state, "param_groups": opt["param_groups"], "python_random": random.getstate()}
-    (tmp / "state.json").write_text(json.dumps(full_state, indent=1) + "\n")
-    for path in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic_write(root / "latest", lambda tmp: Path(tmp).write_text(final.name + "\n"))
-    for old in root.glob("step-*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def own_rng_states(world: distributed.World) -> dict[str, torch.Tensor]:
-    """This process's random generators: the CPU's and those of the GPUs it may use."""
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        gpus = [torch.cuda.current_device()] if world.distributed else range(torch.cuda.device_count())
-        rng.update({f"cuda.{i}": torch.cuda.get_rng_state(i) for i in gpus})
-    return rng
-
-
-def rng_prefix(rank: int) -> str:
-    """Key prefix of a rank's generators in rng.safetensors: none for rank 0 (and one-process runs)."""
-    return f"rank{rank}." if rank else ""
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    path = run_dir / "checkpoints" / pointer.read_text().strip()
-    return path if (path / "state.json").is_file() else None
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
-
-
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    world: distributed.World = distributed.SINGLE) -> dict:
-    """Restore trainable tensors, optimizer, RNG states; return the loop state (step, epoch, ...).
-
-    Every rank of a distributed run reads the full tensors and keeps its own shard of them.
-    """
-    state = json.loads((path / "state.json").read_text())
-    tensors = _read_tensors(path / "trainable.safetensors")
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(tensors) != set(params):
-        diff = sorted(set(tensors) ^ set(params))
-        raise ValueError(f"{path}: the checkpoint's trainable tensors do not match the model (e.g. {diff[:3]})")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(distributed.shard_like(tensors[name], p))
-    opt_params = params_of(optimizer)
-    opt_state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in _read_tensors(path / "optimizer.safetensors").items():
-        index, name = key.split(".", 1)
-        # AdamW's moments have their parameter's shape (and sharding); its step count is a scalar
-        opt_state.setdefault(int(index), {})[name] = (distributed.shard_like(value, opt_params[int(index)])
-                                                      if value.dim() else value)
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
-    rng = _read_tensors(path / "rng.safetensors")
-    prefix = rng_prefix(world.rank)
-    if prefix + "torch" in rng:  # else a rank the checkpoint did not have keeps its seeded generators
-        torch.set_rng_state(rng[prefix + "torch"])
-        for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
-            if f"{prefix}cuda.{i}" in rng:
-                torch.cuda.set_rng_state(rng[f"{prefix}cuda.{i}"], i)
-    version, internal, gauss = state.pop("python_random")
-    random.setstate((version, tuple(internal), gauss))
-    return state
 
 
 # -- the run ------------------------------------------------------------------------------
@@ -720,10 +506,6 @@ def check_finite(loss: float, grad_norm: float, step: int, s: Session) -> None:
     raise TrainingDiverged(f"non-finite {what} at step {step}; stopped before applying it. Last good checkpoint: "
                            f"{latest_checkpoint(s.run_dir) or 'none written yet'}. "
                            f"Try a lower --lr (it was {s.c.lr:g}) or --max-grad-norm.")
-
-
-def params_of(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def _fmt(metrics: dict[str, float]) -> str:
