@@ -210,7 +210,7 @@ if triton is not None:
 
     @triton.jit
     def _train_expand_add_kernel(Y, H, B, T, n_out, r, s_y0, s_y1, s_h0, s_h1, s_b0, s_b1,
-                           BT: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
+                                 BT: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
         # Y[t, n] += Σ_k H[t, k] · B[n, k] on one (BT, BN) tile, summed in float32 and rounded once.
         rt = tl.program_id(0) * BT + tl.arange(0, BT)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -261,6 +261,7 @@ MASKED_CONFIG = {"shrink": {"BT": 16, "BK": 256, "num_warps": 4},
                  "backward": {"BT": 32, "BN": 128, "num_warps": 4, "programs": 1024}}
 
 
+# The in-place expand's tile (benchmarks/micro_lora_ops.py --masked times the choices).
 EXPAND_CONFIG = {"BT": 64, "BN": 128, "num_warps": 4}
 
 
@@ -273,7 +274,7 @@ def expand_add_(y: Tensor, h: Tensor, lora_B: Tensor) -> Tensor:
     cfg = EXPAND_CONFIG
     grid = (triton.cdiv(T, cfg["BT"]), triton.cdiv(n_out, cfg["BN"]))
     _train_expand_add_kernel[grid](y, h, lora_B, T, n_out, r, y.stride(0), y.stride(1), h.stride(0), h.stride(1),
-                             lora_B.stride(0), lora_B.stride(1), BR=_br(r), IEEE=_ieee(y), **cfg)
+                                   lora_B.stride(0), lora_B.stride(1), BR=_br(r), IEEE=_ieee(y), **cfg)
     return y
 
 
