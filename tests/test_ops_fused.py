@@ -11,6 +11,7 @@ from torch import nn
 import lorakit
 from lorakit import ops
 from lorakit.ops import fused
+from lorakit.ops import triton_kernels as tk
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 
@@ -333,3 +334,26 @@ def test_compiled_model_matches_eager(p, custom_ops, monkeypatch):
     assert rel(loss_c.detach(), loss.detach()) < 1e-6
     for g1, g2 in zip(got, want):
         assert rel(g1, g2) < 1e-5
+
+
+def test_cpu_dropout_mask_is_made_once_and_kept_as_booleans(monkeypatch):
+    """Where the kernels do not run, forward hashes the dropout mask once and keeps it (a byte an
+    element) for backward, instead of hashing again; nothing float and input-sized beyond x is kept."""
+    calls = []
+    real = tk.keep_mask_torch
+    monkeypatch.setattr(tk, "keep_mask_torch", lambda *args: calls.append(1) or real(*args))
+    x, w, b, a, bb = inputs(torch.float32)
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fused.lora_linear(x, w, b, a, bb, 0.7, 0.3, training=True, seed=21)
+    torch.autograd.grad(y, (x, a, bb), torch.randn_like(y))
+    assert len(calls) == 1
+    tokens = x.numel() // x.shape[-1]
+    assert ((tokens, x.shape[-1]), torch.bool) in saved
+    assert [s for s in saved if s[0][-1] == x.shape[-1] and s[1] != torch.bool and s[0] != tuple(x.shape)] == [
+        (tuple(w.shape), w.dtype), (tuple(a.shape), a.dtype)]  # the weight and A, no dropped copy of x

@@ -4,7 +4,10 @@ What it saves for backward is x itself (the very tensor the layer was given, so
 layers fed the same tensor — q/k/v, gate/up — share one saved copy), the small
 h = s·dropout(x)·Aᵀ (tokens × r), A and B as cast to the compute dtype in forward (so
 backward does not cast them again), and, with dropout, an integer seed instead of the
-mask or the dropped input: backward regenerates the identical mask from the seed.
+mask or the dropped input: on the GPU, backward's kernels regenerate the identical mask
+from the seed. Where the kernels do not run (the CPU), forward keeps its mask as booleans
+(a byte an element, a quarter of a float32 dropped copy), since remaking it with torch ops
+cost more time than the rest of the dropout step.
 
 The scale s rides in GEMM epilogues (h, dA) and the adapter gradients of float32
 adapters under half-precision compute come out of their GEMM in float32 where the
@@ -49,6 +52,21 @@ def _dropout_mask(shape: torch.Size, p: float, seed: int | Tensor, device: torch
     """
     keep = tk.keep_mask_torch(tuple(shape), p, tk.seed_tensor(seed, device))
     return keep.to(dtype) / (1.0 - p)
+
+
+def _keep_mask(x2: Tensor, p: float, seed: Tensor) -> Tensor:
+    """The boolean keep-mask of x2 (T, in) for `seed`: the kernels' mask, made with torch ops
+    (where the kernels do not run). Callers apply 1/(1-p) in a GEMM's scale, not per element."""
+    return tk.keep_mask_torch(tuple(x2.shape), p, tk.seed_tensor(seed, x2.device))
+
+
+def _cpu_keep(x: Tensor, p: float, seed: Tensor | None) -> Tensor | None:
+    """Where the kernels do not run (the CPU), forward's dropout mask of x (..., in) as booleans
+    (T, in), kept for backward: a byte an element, against hashing every position again (most of
+    the dropout step's extra time on a CPU). None where the kernels run or without dropout."""
+    if not p or _kernels(x):
+        return None
+    return _keep_mask(x.reshape(-1, x.shape[-1]), p, seed)
 
 
 def new_seed(device: torch.device | str = "cpu") -> Tensor:
@@ -127,11 +145,13 @@ def _scaled_mm(m1: Tensor, m2: Tensor, scale: float, dtype: torch.dtype | None =
 
 
 def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scale: float,
-             p: float, seed: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+             p: float, seed: Tensor | None, keep: Tensor | None = None
+             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """(y, h, a, b, w_eff) for x2 (T, in): y = x·Wᵀ + b + h·Bᵀ with h = s·dropout(x)·Aᵀ (T, r).
 
     a and b are A and B in x's dtype; backward reuses them instead of casting again.
-    w_eff is W + s·B·A where forward built it (no dropout), else None.
+    w_eff is W + s·B·A where forward built it (no dropout), else None. `keep`, where the
+    kernels do not run, is the seed's mask made already (`_keep_mask`).
     """
     ct = x2.dtype
     n_out, n_in = weight.shape
@@ -146,7 +166,8 @@ def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lo
     if kernels:
         h = tk.masked_shrink(x2, a, p, seed, scale)  # (T, r), mask made and dropped in-kernel
     else:
-        h = _scaled_mm(x2 * _dropout_mask(x2.shape, p, seed, x2.device, ct), a.T, scale)
+        keep = _keep_mask(x2, p, seed) if keep is None else keep
+        h = _scaled_mm(x2 * keep, a.T, scale / (1.0 - p))  # 1/(1-p) rides in the GEMM
     if kernels and torch.compiler.is_compiling():
         # The compiler turns addmm_ into an out-of-place addmm, which copies y first (one more
         # read and write of every output: 0.18 ms a Llama-1B block on an H200); a Triton
@@ -157,14 +178,15 @@ def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lo
 
 def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor, scale: float,
               p: float, seed: Tensor | None, needs: tuple[bool, ...], a_dtype: torch.dtype, b_dtype: torch.dtype,
-              w_eff: Tensor | None = None, dx_lora: bool = True):
+              w_eff: Tensor | None = None, dx_lora: bool = True, keep: Tensor | None = None):
     """Gradients (dx, dW, dbias, dA, dB) of `_forward`, then dy·B; `needs` says which are wanted, in that order.
 
     lora_A / lora_B may be the adapter or the copies `_forward` made in the compute dtype;
     dA and dB come out in `a_dtype` / `b_dtype`, the adapter's own. `w_eff`, if forward's
     W + s·B·A was kept, is used instead of building it again. dy·B (T, r) is returned
     last for a caller that computes dA itself (the gated-MLP node); with dropout,
-    `dx_lora=False` leaves LoRA's share out of dx for that caller to add.
+    `dx_lora=False` leaves LoRA's share out of dx for that caller to add. `keep`, where the
+    kernels do not run, is forward's dropout mask, kept instead of made again.
     """
     need_dx, need_w, need_bias, need_a, need_b = needs
     ct = dy2.dtype
@@ -173,6 +195,8 @@ def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: T
     x2 = x2.to(ct)
     kernels = _kernels(x2)
     dx = dweight = dbias = d_a = d_b = None
+    if keep is None and p and not kernels and (need_a or (need_dx and dx_lora)):
+        keep = _keep_mask(x2, p, seed)
     dyb = dy2 @ b  # (T, r)
     if need_dx and p == 0.0:
         if w_eff is None:
@@ -188,14 +212,14 @@ def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: T
         elif kernels:
             tk.masked_dx_add_(dx, dyb, a, scale, p, seed)
         else:
-            dx.addcmul_(dyb @ a, _dropout_mask(x2.shape, p, seed, x2.device, ct), value=scale)
+            dx.add_((dyb @ a).mul_(keep), alpha=scale / (1.0 - p))
     if need_a and d_a is None:
         if p == 0.0:
             d_a = _scaled_mm(dyb.T, x2, scale, a_dtype)  # (r, in)
         elif kernels:
             d_a = tk.masked_grad_a(dyb, x2, p, seed, scale).to(a_dtype)
         else:
-            d_a = _scaled_mm(dyb.T, x2 * _dropout_mask(x2.shape, p, seed, x2.device, ct), scale, a_dtype)
+            d_a = _scaled_mm(dyb.T, x2 * keep, scale / (1.0 - p), a_dtype)
     if need_b:
         d_b = _scaled_mm(dy2.T, h.to(ct), 1.0, b_dtype)  # (out, r); h already carries s
     if need_w:
@@ -206,20 +230,21 @@ def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: T
 
 
 def _linear_node_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
-                         scale: float, p: float, seed: Tensor | None
+                         scale: float, p: float, seed: Tensor | None, keep: Tensor | None = None
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """`_forward` for x (..., in): (y (..., out), h (T, r), a, b, w_eff)."""
-    y, *rest = _forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scale, p, seed)
+    y, *rest = _forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scale, p, seed, keep)
     return y.reshape(*x.shape[:-1], y.shape[-1]), *rest
 
 
 def _linear_node_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor,
                           scale: float, p: float, seed: Tensor | None, needs: tuple[bool, ...],
                           a_dtype: torch.dtype, b_dtype: torch.dtype, w_eff: Tensor | None = None,
-                          dx_lora: bool = True):
+                          dx_lora: bool = True, keep: Tensor | None = None):
     """`_backward` for dy (..., out): (dx in x's shape and dtype, dW, dbias, dA, dB, dy·B), None where not wanted."""
     dx, dw, dbias, d_a, d_b, dyb = _backward(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight, lora_A,
-                                             lora_B, h, scale, p, seed, needs, a_dtype, b_dtype, w_eff, dx_lora)
+                                             lora_B, h, scale, p, seed, needs, a_dtype, b_dtype, w_eff, dx_lora,
+                                             keep)
     if dx is not None:
         dx = dx.reshape(x.shape).to(x.dtype)
     return dx, dw, dbias, d_a, d_b, dyb
@@ -232,18 +257,20 @@ class LoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                 scale: float, dropout_p: float, seed: Tensor | None) -> Tensor:
         # x (..., in), weight (out, in), lora_A (r, in), lora_B (out, r)
-        y, h, a, b, w_eff = _linear_node_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
-        ctx.save_for_backward(x, weight, a, b, h, seed, w_eff if SAVE_W_EFF else None)
+        keep = _cpu_keep(x, dropout_p, seed)
+        y, h, a, b, w_eff = _linear_node_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, keep)
+        ctx.save_for_backward(x, weight, a, b, h, seed, w_eff if SAVE_W_EFF else None, keep)
         ctx.scale, ctx.dropout_p, ctx.dtypes = scale, dropout_p, (lora_A.dtype, lora_B.dtype)
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x, weight, a, b, h, seed, w_eff = ctx.saved_tensors
+        x, weight, a, b, h, seed, w_eff, keep = ctx.saved_tensors
         n = ctx.needs_input_grad
         grads = _linear_node_backward(dy, x, weight, a, b, h, ctx.scale, ctx.dropout_p, seed,
-                                      (n[0], n[1], ctx.has_bias and n[2], n[3], n[4]), *ctx.dtypes, w_eff)[:5]
+                                      (n[0], n[1], ctx.has_bias and n[2], n[3], n[4]), *ctx.dtypes, w_eff,
+                                      keep=keep)[:5]
         return *grads, None, None, None
 
 
@@ -263,20 +290,20 @@ def _gated_kernels(g: Tensor, u: Tensor, act: str) -> bool:
 
 
 def _gated_node_forward(g: Tensor, u: Tensor, act: str, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
-                        lora_B: Tensor, scale: float, p: float, seed: Tensor | None
+                        lora_B: Tensor, scale: float, p: float, seed: Tensor | None, keep: Tensor | None = None
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """(down(act(g) ⊙ u) (..., out), h (T, r), a, b, w_eff) as `_forward` gives them; the product is freed."""
     if _gated_kernels(g, u, act):
         z = tk.gated_act(g, u, act)  # (..., width), one pass
     else:
         z = GATED_ACTIVATIONS[act][0](g) * u
-    return _linear_node_forward(z, weight, bias, lora_A, lora_B, scale, p, seed)
+    return _linear_node_forward(z, weight, bias, lora_A, lora_B, scale, p, seed, keep)
 
 
 def _gated_node_backward(dy: Tensor, g: Tensor, u: Tensor, act: str, weight: Tensor, lora_A: Tensor,
                          lora_B: Tensor, h: Tensor, scale: float, p: float, seed: Tensor | None,
                          needs: tuple[bool, ...], a_dtype: torch.dtype, b_dtype: torch.dtype,
-                         w_eff: Tensor | None = None):
+                         w_eff: Tensor | None = None, keep: Tensor | None = None):
     """(dg, du, dW, dbias, dA, dB) of `_gated_node_forward`, recomputing act(g) ⊙ u; None where not wanted.
 
     With the kernels (a frozen down weight), one pass over dz, g and u gives dg, du and dA
@@ -298,7 +325,7 @@ def _gated_node_backward(dy: Tensor, g: Tensor, u: Tensor, act: str, weight: Ten
     act_g = act_fwd(g)
     dz, dw, dbias, d_a, d_b, _ = _linear_node_backward(dy, act_g * u, weight, lora_A, lora_B, h, scale, p, seed,
                                                        (need_g or need_u, need_w, need_bias, need_a, need_b),
-                                                       a_dtype, b_dtype, w_eff)
+                                                       a_dtype, b_dtype, w_eff, keep=keep)
     du = dz * act_g if need_u else None
     dg = act_bwd(dz * u, g) if need_g else None
     return dg, du, dw, dbias, d_a, d_b
@@ -315,20 +342,21 @@ class GatedDownFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g: Tensor, u: Tensor, act: str, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
                 lora_B: Tensor, scale: float, dropout_p: float, seed: Tensor | None) -> Tensor:
-        y, h, a, b, w_eff = _gated_node_forward(g, u, act, weight, bias, lora_A, lora_B, scale, dropout_p, seed)
-        ctx.save_for_backward(g, u, weight, a, b, h, seed, w_eff if SAVE_W_EFF else None)
+        keep = _cpu_keep(g, dropout_p, seed)  # down's input has g's shape
+        y, h, a, b, w_eff = _gated_node_forward(g, u, act, weight, bias, lora_A, lora_B, scale, dropout_p, seed, keep)
+        ctx.save_for_backward(g, u, weight, a, b, h, seed, w_eff if SAVE_W_EFF else None, keep)
         ctx.act, ctx.scale, ctx.dropout_p, ctx.dtypes = act, scale, dropout_p, (lora_A.dtype, lora_B.dtype)
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        g, u, weight, a, b, h, seed, w_eff = ctx.saved_tensors
+        g, u, weight, a, b, h, seed, w_eff, keep = ctx.saved_tensors
         n = ctx.needs_input_grad
         dg, du, dw, dbias, d_a, d_b = _gated_node_backward(dy, g, u, ctx.act, weight, a, b, h, ctx.scale,
                                                            ctx.dropout_p, seed,
                                                            (n[0], n[1], n[3], ctx.has_bias and n[4], n[5], n[6]),
-                                                           *ctx.dtypes, w_eff)
+                                                           *ctx.dtypes, w_eff, keep)
         return dg, du, None, dw, dbias, d_a, d_b, None, None, None
 
 

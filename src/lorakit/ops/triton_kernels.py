@@ -94,21 +94,33 @@ MAX_MASK_ELEMENTS = 2**31 - 1  # positions are int32 offsets
 _GOLDEN, _MUL1, _MUL2, _LOW32 = 0x9E3779B1, 0x7FEB352D, 0x846CA68B, 0xFFFFFFFF
 
 
+# Positions hashed at a time by `keep_mask_torch` outside torch.compile: its int64 temporaries
+# (2 MiB) then stay in a CPU's cache, five times faster on a 2048 × 384 mask than one pass each.
+MASK_CHUNK = 1 << 18
+
+
 def keep_mask_torch(shape: tuple[int, int], p: float, seed: Tensor) -> Tensor:
     """The kernels' keep-mask computed with torch integer ops: the same bits on any device.
 
     int64 products wrap modulo 2⁶⁴, which keeps the low 32 bits exact; masking to 32 bits
-    before every shift keeps the shifts logical.
+    before every shift keeps the shifts logical. Eagerly the positions are hashed in chunks
+    of MASK_CHUNK, in place; under torch.compile in one piece, for the compiler to fuse.
     """
     T, n_in = shape
-    h = torch.arange(T * n_in, device=seed.device, dtype=torch.int64).view(T, n_in)
-    h = (h * _GOLDEN + (seed & _LOW32)) & _LOW32
-    h = h ^ (h >> 16)
-    h = (h * _MUL1) & _LOW32
-    h = h ^ (h >> 15)
-    h = (h * _MUL2) & _LOW32
-    h = h ^ (h >> 16)
-    return (h >> 8).to(torch.float32) * (1.0 / 16777216.0) >= p
+    n = T * n_in
+    step = n if torch.compiler.is_compiling() else MASK_CHUNK
+    seed32 = seed & _LOW32
+    keep = torch.empty(n, dtype=torch.bool, device=seed.device)
+    for start in range(0, n, max(1, step)):
+        h = torch.arange(start, min(n, start + step), device=seed.device, dtype=torch.int64)
+        h.mul_(_GOLDEN).add_(seed32).bitwise_and_(_LOW32)
+        h.bitwise_xor_(h >> 16)
+        h.mul_(_MUL1).bitwise_and_(_LOW32)
+        h.bitwise_xor_(h >> 15)
+        h.mul_(_MUL2).bitwise_and_(_LOW32)
+        h.bitwise_xor_(h >> 16)
+        keep[start:start + h.numel()] = (h >> 8).to(torch.float32).mul_(1.0 / 16777216.0) >= p
+    return keep.view(T, n_in)
 
 if triton is not None:
 
