@@ -199,12 +199,12 @@ def test_bf16_llama_shapes_match_float32(n_out, n_rows, seq):
     assert y.dtype == torch.bfloat16 and max(row_errors(y, want)) <= 1e-2
 
 
-def decode_case(dtype, seq, n_in, n_out, seed):
-    """Three adapters of ranks 2, 7 and 4 stacked in `dtype`, five rows (one without an adapter) of
-    `seq` tokens, a y to add into, and the three-call dense route's result in float32."""
+def decode_case(dtype, seq, n_in, n_out, seed, ranks=(2, 7, 4)):
+    """Three adapters of `ranks` stacked in `dtype`, five rows (one without an adapter) of `seq`
+    tokens, a y to add into, and the three-call dense route's result in float32."""
     g = torch.Generator().manual_seed(seed)
-    a_list = [torch.randn(r, n_in, generator=g) for r in (2, 7, 4)]
-    b_list = [torch.randn(n_out, r, generator=g) for r in (2, 7, 4)]
+    a_list = [torch.randn(r, n_in, generator=g) for r in ranks]
+    b_list = [torch.randn(n_out, r, generator=g) for r in ranks]
     a_stack, b_stack, R = multi.stack_adapters(a_list, b_list, [0.5, 1.0, 2.0], dtype, "cpu")
     a_cat, b_cat = multi.dense_tables(a_stack, b_stack)
     row_adapter = torch.tensor([2, -1, 0, 1, 2], dtype=torch.int32)
@@ -238,14 +238,15 @@ def test_gather_expand_add_equals_the_dense_route(dtype, seq):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("seq", [1, 3])
-@pytest.mark.parametrize("n_out,cols,bk,bn", [(24, 2048, 512, 512), (600, 256, 128, 128), (600, 300, 64, 256)])
-def test_fused_decode_add_equals_the_dense_route(dtype, seq, n_out, cols, bk, bn, monkeypatch):
+@pytest.mark.parametrize("n_out,cols,bk,bn,ranks", [(24, 2048, 512, 512, (2, 7, 4)), (600, 256, 128, 128, (2, 7, 4)),
+                                                     (600, 300, 64, 256, (2, 20, 4))])  # the last: padded rank 32
+def test_fused_decode_add_equals_the_dense_route(dtype, seq, n_out, cols, bk, bn, ranks, monkeypatch):
     """Decode's one-launch kernel (each token's shrink and expand in one program) against the
     three-call dense route, on the kernel (interpreted on a CPU) and on its torch fallback; one
     slice of columns, or several with the last ragged (cols rounded up to whole BN steps); in = 300
     ends on a ragged BLOCK_K step."""
     monkeypatch.setattr(multi, "DECODE_FUSED_CONFIG", dict(cols=cols, BK=bk, BN=bn, num_warps=4))
-    a_stack, b_stack, a_cat, row_adapter, x2, y0, want = decode_case(dtype, seq, 300, n_out, 12)
+    a_stack, b_stack, a_cat, row_adapter, x2, y0, want = decode_case(dtype, seq, 300, n_out, 12, ranks)
     for on_kernels in (True, False):
         fused.use_kernels_on_cpu(on_kernels)
         try:
