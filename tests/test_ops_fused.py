@@ -30,6 +30,13 @@ def inputs(dtype, shape=(3, 5, 16), out=12, r=4, bias=True, seed=0):
     return x, w, b, a, bb
 
 
+def dropout_mask(shape, p, seed, device, dtype):
+    """keep / (1 - p) for a (T, in) input from `seed`: the Triton kernels' mask made with torch ops,
+    so a seed gives one mask on every device and in every code path (the oracle's dropout)."""
+    keep = tk.keep_mask_torch(tuple(shape), p, tk.seed_tensor(seed, device))
+    return keep.to(dtype) / (1.0 - p)
+
+
 def reference_with_mask(x, w, b, a, bb, s, mask):
     return F.linear(x, w, b) + F.linear(F.linear(x * mask, a), bb) * s
 
@@ -43,7 +50,7 @@ def test_fused_matches_reference(dtype, p, bias, shape, r):
     seed = 1234
     y = fused.lora_linear(x, w, b, a, bb, 0.7, p, training=True, seed=seed)
     if p:
-        mask = fused._dropout_mask(torch.Size([x.numel() // shape[-1], shape[-1]]), p, seed, x.device, dtype)
+        mask = dropout_mask(torch.Size([x.numel() // shape[-1], shape[-1]]), p, seed, x.device, dtype)
         yr = reference_with_mask(x, w, b, a, bb, 0.7, mask.reshape(x.shape))
     else:
         yr = ops.lora_linear(x, w, b, a, bb, 0.7)
@@ -87,7 +94,7 @@ def test_half_compute_with_float32_adapters_gives_float32_gradients(p):
     y = fused.lora_linear(xh, wh, bh, a32, b32, 0.5, p, training=True, seed=5)
     mask = 1.0
     if p:
-        mask = fused._dropout_mask(torch.Size([36, 32]), p, 5, x.device, torch.float64).reshape(x.shape)
+        mask = dropout_mask(torch.Size([36, 32]), p, 5, x.device, torch.float64).reshape(x.shape)
     xr = xh.detach().double().requires_grad_()
     yr = reference_with_mask(xr, wh.double(), bh.double(), a, bb, 0.5, mask)
     dy = torch.randn_like(yr)
@@ -100,9 +107,9 @@ def test_half_compute_with_float32_adapters_gives_float32_gradients(p):
 
 
 def test_dropout_mask_is_reproducible_from_the_seed_and_drops_the_right_fraction():
-    m1 = fused._dropout_mask(torch.Size([256, 64]), 0.3, 7, torch.device("cpu"), torch.float32)
-    m2 = fused._dropout_mask(torch.Size([256, 64]), 0.3, 7, torch.device("cpu"), torch.float32)
-    m3 = fused._dropout_mask(torch.Size([256, 64]), 0.3, 8, torch.device("cpu"), torch.float32)
+    m1 = dropout_mask(torch.Size([256, 64]), 0.3, 7, torch.device("cpu"), torch.float32)
+    m2 = dropout_mask(torch.Size([256, 64]), 0.3, 7, torch.device("cpu"), torch.float32)
+    m3 = dropout_mask(torch.Size([256, 64]), 0.3, 8, torch.device("cpu"), torch.float32)
     assert torch.equal(m1, m2) and not torch.equal(m1, m3)
     assert abs(float((m1 == 0).float().mean()) - 0.3) < 0.02
     assert torch.allclose(m1[m1 > 0], torch.tensor(1 / 0.7))
@@ -112,7 +119,7 @@ def test_backward_uses_the_forward_mask():
     # If backward drew a different mask, dA would not match the reference built from the forward's mask.
     x, w, b, a, bb = inputs(torch.float64)
     y = fused.lora_linear(x, w, b, a, bb, 1.0, 0.5, training=True, seed=99)
-    mask = fused._dropout_mask(torch.Size([15, 16]), 0.5, 99, x.device, torch.float64).reshape(x.shape)
+    mask = dropout_mask(torch.Size([15, 16]), 0.5, 99, x.device, torch.float64).reshape(x.shape)
     yr = reference_with_mask(x, w, b, a, bb, 1.0, mask)
     assert torch.allclose(y, yr)
     ga, = torch.autograd.grad(y.sum(), a)
@@ -200,7 +207,7 @@ def test_gated_down_matches_reference_with_and_without_dropout():
     for p in (0.0, 0.3):
         y = fused.gated_down(gate, up, "silu", w, None, a, b, 0.5, p, training=True, seed=5)
         z = act(gate) * up
-        mask = fused._dropout_mask(torch.Size([10, 24]), p, 5, x.device, torch.float64).reshape(z.shape) if p else 1.0
+        mask = dropout_mask(torch.Size([10, 24]), p, 5, x.device, torch.float64).reshape(z.shape) if p else 1.0
         yr = F.linear(z, w) + ((z * mask) @ a.T @ b.T) * 0.5
         dy = torch.randn_like(yr)
         got = torch.autograd.grad(y, (gate, up, a, b), dy)

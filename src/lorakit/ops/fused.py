@@ -44,16 +44,6 @@ def env_flag(name: str, default: bool) -> bool:
     return value not in ("0", "false", "off", "no") if default else value in ("1", "true", "on", "yes")
 
 
-def _dropout_mask(shape: torch.Size, p: float, seed: int | Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """keep / (1 - p) for a (T, in) input, regenerated bit for bit from `seed`.
-
-    The same mask as the Triton kernels draw (`triton_kernels.keep_mask_torch`), so a
-    seed gives one mask on every device and in every code path.
-    """
-    keep = tk.keep_mask_torch(tuple(shape), p, tk.seed_tensor(seed, device))
-    return keep.to(dtype) / (1.0 - p)
-
-
 def _keep_mask(x2: Tensor, p: float, seed: Tensor) -> Tensor:
     """The boolean keep-mask of x2 (T, in) for `seed`: the kernels' mask, made with torch ops
     (where the kernels do not run). Callers apply 1/(1-p) in a GEMM's scale, not per element."""
