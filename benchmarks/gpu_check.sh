@@ -2,9 +2,9 @@
 # The GPU checks and measurements of the fused paths, in the order they are needed, each under
 # its own time limit, in three parts that each fit one 10-minute command:
 #
-#   bash benchmarks/gpu_check.sh 1 [OUT_DIR]   # GPU tests, inference, eager and graphed training steps (<= 7.5 min)
-#   bash benchmarks/gpu_check.sh 2 [OUT_DIR]   # kernel micro-benchmarks and tile sweeps, an eager profile (<= 7 min)
-#   bash benchmarks/gpu_check.sh 3 [OUT_DIR]   # the compiled training step, floor and lorakit (<= 9 min)
+#   bash benchmarks/gpu_check.sh 1 [OUT_DIR]   # bf16 GPU tests, tile sweeps, inference, eager and graphed steps (<= 9.7 min)
+#   bash benchmarks/gpu_check.sh 2 [OUT_DIR]   # one run: eager floor, lorakit, PEFT, full; compiled floor, lorakit (<= 9.7 min)
+#   bash benchmarks/gpu_check.sh 3 [OUT_DIR]   # every GPU-capable test, an eager profile (<= 6 min)
 #
 # Logs and JSON rows go to OUT_DIR (default: $OUT, else gpu-check/); each step's table is
 # printed as it finishes.
@@ -27,21 +27,22 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND with a time limit, log to 
 
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 if [ "$part" = 1 ]; then
-    step gpu-tests 240 python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_triton_kernels.py \
-        tests/test_ops_multi.py
+    step gpu-tests 150 python -m pytest -q -p no:cacheprovider tests/test_gpu.py
     cd benchmarks
-    step infer 120 python infer.py --skip-peft --reps 10 --decode-steps 64 --json "$out/infer.json"
-    step train-eager-graphed 90 python train_step.py --modes eager,graphed --methods floor,lorakit --dropouts 0,0.1 \
+    step micro-gated 100 python micro_lora_ops.py --gated
+    step micro-masked 150 python micro_lora_ops.py --masked
+    step infer 100 python infer.py --skip-peft --reps 10 --decode-steps 64 --json "$out/infer.json"
+    step train-eager-graphed 80 python train_step.py --modes eager,graphed --methods floor,lorakit --dropouts 0,0.1 \
         --json "$out/train-eager-graphed.json"
 elif [ "$part" = 2 ]; then
     cd benchmarks
-    step micro-gated 120 python micro_lora_ops.py --gated
-    step micro-masked 180 python micro_lora_ops.py --masked
-    step profile-eager 120 python profile_step.py --runs floor,lorakit:0,lorakit:0.1 --rows 20
+    step train-eager-compiled 580 python train_step.py --modes eager,compiled --methods floor,lorakit,peft,full \
+        --compiled-methods floor,lorakit --dropouts 0,0.1 --json "$out/train-eager-compiled.json"
 elif [ "$part" = 3 ]; then
+    step kernel-tests 240 python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_triton_kernels.py \
+        tests/test_ops_multi.py
     cd benchmarks
-    step train-compiled 540 python train_step.py --modes compiled --methods floor,lorakit --dropouts 0,0.1 \
-        --steps 6 --warm 2 --json "$out/train-compiled.json"
+    step profile-eager 120 python profile_step.py --runs floor,lorakit:0,lorakit:0.1 --rows 20
 else
     echo "usage: bash benchmarks/gpu_check.sh 1|2|3 [OUT_DIR]" >&2
     exit 2

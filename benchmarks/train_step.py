@@ -178,6 +178,8 @@ def _graphed_times(model, opt, ids, labels, steps: int, warm: int) -> list[float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="floor,lorakit,peft,full")
+    parser.add_argument("--compiled-methods", default=None,
+                        help="the methods of the compiled mode (default: --methods); compiling each takes minutes")
     parser.add_argument("--dropouts", default="0,0.1")
     parser.add_argument("--shapes", default="16x512")
     parser.add_argument("--ranks", default="16")
@@ -201,7 +203,8 @@ def main() -> None:
         bs, seq = map(int, shape.split("x"))
         ranks = [int(r) for r in args.ranks.split(",")]
         for r in ranks:
-            for method in args.methods.split(","):
+            methods = args.compiled_methods if compiled is True and args.compiled_methods else args.methods
+            for method in methods.split(","):
                 if method in ("floor", "full") and r != ranks[0]:
                     continue  # no adapter: the rank does not change these runs
                 dropouts = [0.0] if method in ("floor", "full") else [float(d) for d in args.dropouts.split(",")]

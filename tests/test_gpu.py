@@ -114,7 +114,14 @@ def test_bf16_compiled_nodes_match_eager_with_one_seed(p, custom_ops, monkeypatc
 @pytest.mark.parametrize("custom_ops", [True, False], ids=["custom-ops", "traced"])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_bf16_compiled_matches_eager(p, custom_ops, monkeypatch):
-    """torch.compile (inductor), through the custom ops or traced: loss and A/B gradients match eager."""
+    """torch.compile (inductor), through the custom ops or traced: loss and A/B gradients as close
+    to a float32 run of the same model as the eager bf16 run is.
+
+    Compiled and eager bf16 round differently (the compiler fuses the norms and casts), so the
+    two differ by about their distance to float32 each (measured: 0.021 relative for some A/B
+    gradients at p = 0.1); a different dropout mask would put the compiled run near 1."""
+    import copy
+
     monkeypatch.setattr(fused, "COMPILE_AS_CUSTOM_OPS", custom_ops)
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -126,9 +133,10 @@ def test_bf16_compiled_matches_eager(p, custom_ops, monkeypatch):
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                              "up_proj", "down_proj"]))
     model.train()
+    exact = copy.deepcopy(model).float()  # the same (bf16-valued) weights, run in float32
     ids = torch.randint(0, 512, (4, 128), device="cuda")
     params = [q for q in model.parameters() if q.requires_grad]
-    # Each layer draws its dropout seed when it runs; hand every layer of both runs one fixed
+    # Each layer draws its dropout seed when it runs; hand every layer of all runs one fixed
     # seed so that they drop the same elements. (With seeds counted in call order, compiled and
     # eager gradients differed at p = 0.1, a likely cause being a frame traced more than once,
     # each trace drawing again; each node compiled with one seed handed in matches eager, the
@@ -136,15 +144,20 @@ def test_bf16_compiled_matches_eager(p, custom_ops, monkeypatch):
     real_new_seed = fused.new_seed
     try:
         fused.new_seed = lambda device="cpu": torch.full((1,), 1234, device=device)
+        loss_x = exact(input_ids=ids, labels=ids).loss
+        oracle = torch.autograd.grad(loss_x, [q for q in exact.parameters() if q.requires_grad])
         loss = model(input_ids=ids, labels=ids).loss
         want = torch.autograd.grad(loss, params)
         loss_c = torch.compile(model, fullgraph=True)(input_ids=ids, labels=ids).loss
         got = torch.autograd.grad(loss_c, params)
     finally:
         fused.new_seed = real_new_seed
-    assert abs(loss_c.item() - loss.item()) < 1e-2 * abs(loss.item())
-    for g1, g2 in zip(got, want):
-        assert rel(g1, g2) < 2e-2
+    assert abs(loss.item() - loss_x.item()) < 1e-2 * abs(loss_x.item())
+    assert abs(loss_c.item() - loss_x.item()) < 1e-2 * abs(loss_x.item())
+    for g_c, g_e, g_x in zip(got, want, oracle):
+        eager_err, compiled_err = rel(g_e, g_x), rel(g_c, g_x)
+        assert eager_err < 3e-2  # the bf16 run itself is near float32
+        assert compiled_err < 1.5 * eager_err + 2e-3, (compiled_err, eager_err)
 
 
 @pytest.mark.parametrize("seq,decode", [(1, "dense"), (1, "gathered"), (1, "fused"), (300, "dense")])

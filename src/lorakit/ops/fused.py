@@ -158,10 +158,10 @@ def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lo
     else:
         keep = _keep_mask(x2, p, seed) if keep is None else keep
         h = _scaled_mm(x2 * keep, a.T, scale / (1.0 - p))  # 1/(1-p) rides in the GEMM
-    if kernels and torch.compiler.is_compiling():
-        # The compiler turns addmm_ into an out-of-place addmm, which copies y first (one more
-        # read and write of every output: 0.18 ms a Llama-1B block on an H200); a Triton
-        # kernel's in-place update stays in place under the compiler.
+    if kernels:
+        # In place, in a Triton kernel: faster than cuBLAS's addmm_ here, and under the compiler,
+        # which turns addmm_ into an out-of-place addmm that copies y first (0.18 ms a Llama-1B
+        # block on an H200), it stays in place.
         return tk.expand_add_(y, h, b), h, a, b, None
     return y.addmm_(h, b.T), h, a, b, None  # (T, out)
 
@@ -202,7 +202,9 @@ def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: T
         elif kernels:
             tk.masked_dx_add_(dx, dyb, a, scale, p, seed)
         else:
-            dx.add_((dyb @ a).mul_(keep), alpha=scale / (1.0 - p))
+            # The factor as a multiply, not add_'s alpha: torch.compile's CPU code for an add with
+            # alpha != 1 after a matmul came out wrong (torch 2.13; tests/test_ops_fused.py).
+            dx.add_((dyb @ a).mul_(keep).mul_(scale / (1.0 - p)))
     if need_a and d_a is None:
         if p == 0.0:
             d_a = _scaled_mm(dyb.T, x2, scale, a_dtype)  # (r, in)
