@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/gpu_check.sh 1 [OUT_DIR]   # bf16 GPU tests, tile sweeps, inference, eager and graphed steps (<= 9.7 min)
 #   bash benchmarks/gpu_check.sh 2 [OUT_DIR]   # one run: eager floor, lorakit, PEFT, full; compiled floor, lorakit (<= 9.7 min)
-#   bash benchmarks/gpu_check.sh 3 [OUT_DIR]   # every GPU-capable test, an eager profile (<= 6 min)
+#   bash benchmarks/gpu_check.sh 3 [OUT_DIR]   # bf16 GPU tests, eager and graphed steps at two shapes and ranks, an eager profile (<= 8.2 min)
+#   bash benchmarks/gpu_check.sh 4 [OUT_DIR]   # inference with PEFT alongside (<= 5 min)
 #
 # Logs and JSON rows go to OUT_DIR (default: $OUT, else gpu-check/); each step's table is
 # printed as it finishes.
@@ -39,11 +40,16 @@ elif [ "$part" = 2 ]; then
     step train-eager-compiled 580 python train_step.py --modes eager,compiled --methods floor,lorakit,peft,full \
         --compiled-methods floor,lorakit --dropouts 0,0.1 --json "$out/train-eager-compiled.json"
 elif [ "$part" = 3 ]; then
-    step kernel-tests 240 python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_triton_kernels.py \
-        tests/test_ops_multi.py
+    step gpu-tests 150 python -m pytest -q -p no:cacheprovider tests/test_gpu.py
     cd benchmarks
-    step profile-eager 120 python profile_step.py --runs floor,lorakit:0,lorakit:0.1 --rows 20
+    step train-shapes 220 python train_step.py --modes eager,graphed --methods floor,lorakit --dropouts 0,0.1 \
+        --shapes 16x512,4x2048 --ranks 16,64 --json "$out/train-shapes.json"
+    step profile-eager 120 python profile_step.py --runs floor,lorakit:0,lorakit:0.1 --rows 20 \
+        --out "$out/profile"
+elif [ "$part" = 4 ]; then
+    cd benchmarks
+    step infer 300 python infer.py --reps 10 --decode-steps 64 --peft-decode-steps 16 --json "$out/infer.json"
 else
-    echo "usage: bash benchmarks/gpu_check.sh 1|2|3 [OUT_DIR]" >&2
+    echo "usage: bash benchmarks/gpu_check.sh 1|2|3|4 [OUT_DIR]" >&2
     exit 2
 fi
