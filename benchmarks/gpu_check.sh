@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_check.sh 1 [OUT_DIR]   # bf16 GPU tests, tile sweeps, inference, eager and graphed steps (<= 9.7 min)
 #   bash benchmarks/gpu_check.sh 2 [OUT_DIR]   # one run: eager floor, lorakit, PEFT, full; compiled floor, lorakit (<= 9.7 min)
 #   bash benchmarks/gpu_check.sh 3 [OUT_DIR]   # bf16 GPU tests, eager and graphed steps at two shapes and ranks, an eager profile (<= 8.2 min)
-#   bash benchmarks/gpu_check.sh 4 [OUT_DIR]   # inference with PEFT alongside (<= 5 min)
+#   bash benchmarks/gpu_check.sh 4 [OUT_DIR]   # inference with PEFT alongside, host cost per call, an eager profile (<= 8 min)
 #
 # Logs and JSON rows go to OUT_DIR (default: $OUT, else gpu-check/); each step's table is
 # printed as it finishes.
@@ -49,6 +49,9 @@ elif [ "$part" = 3 ]; then
 elif [ "$part" = 4 ]; then
     cd benchmarks
     step infer 300 python infer.py --reps 10 --decode-steps 64 --peft-decode-steps 16 --json "$out/infer.json"
+    step host-cost 60 python host_cost.py
+    step profile-eager 120 python profile_step.py --runs floor,lorakit:0,lorakit:0.1 --rows 20 \
+        --out "$out/profile"
 else
     echo "usage: bash benchmarks/gpu_check.sh 1|2|3|4 [OUT_DIR]" >&2
     exit 2

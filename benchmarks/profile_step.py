@@ -85,6 +85,7 @@ def profile_run(method: str, dropout: float, r: int, compiled: bool, rows: int, 
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=80)
     print(table, flush=True)
     if out:
+        os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, re.sub(r"[^A-Za-z0-9_.-]", "_", label) + ".txt"), "w") as f:
             f.write(f"wall {wall_ms:.2f} ms, kernels {kernel_ms:.2f} ms\n")
             f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=400,
