@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_check.sh 2 [OUT_DIR]   # one run: eager floor, lorakit, PEFT, full; compiled floor, lorakit (<= 9.7 min)
 #   bash benchmarks/gpu_check.sh 3 [OUT_DIR]   # bf16 GPU tests, eager and graphed steps at two shapes and ranks, an eager profile (<= 8.2 min)
 #   bash benchmarks/gpu_check.sh 4 [OUT_DIR]   # inference with PEFT alongside, host cost per call, an eager profile (<= 8 min)
+#   bash benchmarks/gpu_check.sh 5 [OUT_DIR]   # compiled lorakit at r = 64 (floor: part 2's), compiled 4 x 2048 (<= 8.7 min)
 #
 # Logs and JSON rows go to OUT_DIR (default: $OUT, else gpu-check/); each step's table is
 # printed as it finishes.
@@ -52,7 +53,13 @@ elif [ "$part" = 4 ]; then
     step host-cost 60 python host_cost.py
     step profile-eager 120 python profile_step.py --runs floor,lorakit:0,lorakit:0.1 --rows 20 \
         --out "$out/profile"
+elif [ "$part" = 5 ]; then
+    cd benchmarks
+    step train-compiled-r64 200 python train_step.py --modes compiled --methods lorakit --ranks 64 --dropouts 0,0.1 \
+        --json "$out/train-compiled-r64.json"
+    step train-compiled-4x2048 320 python train_step.py --modes compiled --methods floor,lorakit --shapes 4x2048 \
+        --dropouts 0,0.1 --json "$out/train-compiled-4x2048.json"
 else
-    echo "usage: bash benchmarks/gpu_check.sh 1|2|3|4 [OUT_DIR]" >&2
+    echo "usage: bash benchmarks/gpu_check.sh 1|2|3|4|5 [OUT_DIR]" >&2
     exit 2
 fi
