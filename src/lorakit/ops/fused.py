@@ -202,9 +202,9 @@ def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: T
         elif kernels:
             tk.masked_dx_add_(dx, dyb, a, scale, p, seed)
         else:
-            # The factor as a multiply, not add_'s alpha: torch.compile's CPU code for an add with
-            # alpha != 1 after a matmul came out wrong (torch 2.13; tests/test_ops_fused.py).
-            dx.add_((dyb @ a).mul_(keep).mul_(scale / (1.0 - p)))
+            # The factor on the small dy·B, not as add_'s alpha: torch.compile's CPU code for an
+            # add with alpha != 1 after a matmul came out wrong (torch 2.13; tests/test_ops_fused.py).
+            dx.add_((dyb * (scale / (1.0 - p)) @ a).mul_(keep))
     if need_a and d_a is None:
         if p == 0.0:
             d_a = _scaled_mm(dyb.T, x2, scale, a_dtype)  # (r, in)
