@@ -385,8 +385,11 @@ DECODE_GATHER: bool | None = None
 # columns) computes its own adapter's h = x·Aᵀ (R numbers) and adds h·Bᵀ into y. The shrink
 # is recomputed once per slice of a wide output, and each program reads its adapter's A and B
 # once, in BK- and BN-wide steps (wide steps keep more loads in flight in each program's
-# serial loops). Off until measured against the two-kernel route on a GPU (benchmarks/infer.py's
-# "fused decode kernel" rows); True takes it wherever the gathered route runs.
+# serial loops). Off: on an H200 (batch 64, 16 adapters, under a CUDA graph) it took 6.06–7.48 ms a
+# step at the four tile choices of benchmarks/infer.py against 5.77 ms for the two kernels
+# (benchmarks/RESULTS.md); the serial loops over a wide `in` (down_proj's 8192) and the shrink
+# repeated per output slice cost more than the launch it saves. True takes it wherever the
+# gathered route runs.
 DECODE_FUSED = False
 DECODE_FUSED_CONFIG = {"cols": 2048, "BK": 512, "BN": 512, "num_warps": 8}
 
