@@ -280,9 +280,9 @@ EXPAND_CONFIG = {"BT": 32, "BN": 128, "num_warps": 4}
 def expand_add_(y: Tensor, h: Tensor, lora_B: Tensor) -> Tensor:
     """y += h·Bᵀ in place, summed in float32 and rounded once (as addmm_ with beta = 1 does):
     y (T, out), h (T, r) and B (out, r) in one dtype. Faster than cuBLAS's in-place addmm_
-    at these shapes (an H200, 8192 tokens, r = 16: 0.021 against 0.032 ms at 2048 outputs,
-    0.073 against 0.113 ms at 8192), and under torch.compile it stays an in-place update,
-    where the compiler's out-of-place addmm would first copy y."""
+    at these shapes (profiled Llama-1B steps on H200s, 8192 tokens, r = 16: 3.02 ms for its
+    112 calls against 4.36 ms for addmm_'s), and under torch.compile it stays an in-place
+    update, where the compiler's out-of-place addmm would first copy y."""
     T, n_out = y.shape
     r = h.shape[1]
     cfg = EXPAND_CONFIG
