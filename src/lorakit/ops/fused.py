@@ -155,14 +155,12 @@ def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lo
     y = torch.nn.functional.linear(x2, weight.to(ct), bias)
     if kernels:
         h = tk.masked_shrink(x2, a, p, seed, scale)  # (T, r), mask made and dropped in-kernel
-    else:
-        keep = _keep_mask(x2, p, seed) if keep is None else keep
-        h = _scaled_mm(x2 * keep, a.T, scale / (1.0 - p))  # 1/(1-p) rides in the GEMM
-    if kernels:
-        # In place, in a Triton kernel: faster than cuBLAS's addmm_ here, and under the compiler,
-        # which turns addmm_ into an out-of-place addmm that copies y first (0.18 ms a Llama-1B
-        # block on an H200), it stays in place.
+        # The expand in place, in a Triton kernel: faster than cuBLAS's addmm_ here, and under the
+        # compiler, which turns addmm_ into an out-of-place addmm that copies y first (0.18 ms a
+        # Llama-1B block on an H200), it stays in place.
         return tk.expand_add_(y, h, b), h, a, b, None
+    keep = _keep_mask(x2, p, seed) if keep is None else keep
+    h = _scaled_mm(x2 * keep, a.T, scale / (1.0 - p))  # 1/(1-p) rides in the GEMM
     return y.addmm_(h, b.T), h, a, b, None  # (T, out)
 
 
