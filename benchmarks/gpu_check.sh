@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks and measurements of the fused paths, in the order they are needed, each under
-# its own time limit, in three parts that each fit one 10-minute command:
+# its own time limit, in five parts that each fit one 10-minute command:
 #
 #   bash benchmarks/gpu_check.sh 1 [OUT_DIR]   # bf16 GPU tests, tile sweeps, inference, eager and graphed steps (<= 9.7 min)
 #   bash benchmarks/gpu_check.sh 2 [OUT_DIR]   # one run: eager floor, lorakit, PEFT, full; compiled floor, lorakit (<= 9.7 min)

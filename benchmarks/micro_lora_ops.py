@@ -180,8 +180,8 @@ def masked(T: int = 8192, r: int = 16) -> None:
             rows.append((f"dx + dA kernel BT,BN,warps,programs={cfg}", name,
                          bench(lambda: tk.masked_backward_(dx, x, dyb, a, 2., 0.1, 3))))
         tk.MASKED_CONFIG.update(default)
-    # The dropout forward's expand, y += h·Bᵀ, at each output width: cuBLAS in place (eager) and
-    # lorakit's in-place kernel (what a compiled model runs, where the compiler's addmm copies y first).
+    # The dropout forward's expand, y += h·Bᵀ, at each output width: cuBLAS in place, cuBLAS out of
+    # place (what the compiler makes of addmm_), and lorakit's in-place kernel (what the fused path runs).
     h = torch.randn(T, r, device=dev, dtype=dt)
     for n_out in (2048, 8192):
         y = torch.randn(T, n_out, device=dev, dtype=dt)
