@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks and measurements of the fused paths, in the order they are needed, each under
-# its own time limit, in five parts that each fit one 10-minute command:
+# its own time limit, in six parts that each fit one 10-minute command:
 #
 #   bash benchmarks/gpu_check.sh 1 [OUT_DIR]   # bf16 GPU tests, tile sweeps, inference, eager and graphed steps (<= 9.7 min)
 #   bash benchmarks/gpu_check.sh 2 [OUT_DIR]   # one run: eager floor, lorakit, PEFT, full; compiled floor, lorakit (<= 9.7 min)
 #   bash benchmarks/gpu_check.sh 3 [OUT_DIR]   # bf16 GPU tests, eager and graphed steps at two shapes and ranks, an eager profile (<= 8.2 min)
 #   bash benchmarks/gpu_check.sh 4 [OUT_DIR]   # inference with PEFT alongside, host cost per call, an eager profile (<= 8 min)
 #   bash benchmarks/gpu_check.sh 5 [OUT_DIR]   # compiled lorakit at r = 64 (floor: part 2's), compiled 4 x 2048 (<= 8.7 min)
+#   bash benchmarks/gpu_check.sh 6 [OUT_DIR]   # bf16 mixed-batch GPU tests, inference with PEFT alongside (<= 8.7 min)
 #
 # Logs and JSON rows go to OUT_DIR (default: $OUT, else gpu-check/); each step's table is
 # printed as it finishes.
@@ -59,7 +60,11 @@ elif [ "$part" = 5 ]; then
         --json "$out/train-compiled-r64.json"
     step train-compiled-4x2048 320 python train_step.py --modes compiled --methods floor,lorakit --shapes 4x2048 \
         --dropouts 0,0.1 --json "$out/train-compiled-4x2048.json"
+elif [ "$part" = 6 ]; then
+    step gpu-tests-mixed 120 python -m pytest -q -p no:cacheprovider tests/test_gpu.py -k mixed_batch
+    cd benchmarks
+    step infer 400 python infer.py --reps 10 --decode-steps 64 --peft-decode-steps 16 --json "$out/infer.json"
 else
-    echo "usage: bash benchmarks/gpu_check.sh 1|2|3|4|5 [OUT_DIR]" >&2
+    echo "usage: bash benchmarks/gpu_check.sh 1|2|3|4|5|6 [OUT_DIR]" >&2
     exit 2
 fi

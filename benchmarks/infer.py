@@ -154,8 +154,9 @@ def main() -> None:
     parser.add_argument("--peft-decode-steps", type=int, default=32, help="PEFT's mixed decode is slow; fewer steps")
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--skip-graphs", action="store_true", help="leave out the CUDA-graph decode rows")
-    parser.add_argument("--fused-configs", default="2048:512:512:8,2048:256:256:4,1024:512:512:8,2048:1024:512:8",
-                        help="tiles of the graphed one-launch decode rows, COLS:BK:BN:WARPS, comma-separated")
+    parser.add_argument("--group-configs", default="512:128:128:4:3:8192,256:128:128:4:3:8192,"
+                        "1024:128:128:4:3:8192,512:256:128:4:3:8192,512:128:128:4:3:2048",
+                        help="tiles of the graphed grouped decode rows, COLS:BK:BN:WARPS:STAGES:MAX_IN, comma-separated")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     import transformers
@@ -237,22 +238,25 @@ def main() -> None:
         with lorakit.route(lk, decode_rows):
             return decode_run(lk, prompt, steps)
 
-    def forced(gather: bool, fn, fused: bool = False, config: dict | None = None):
-        """fn run with lorakit's decode route forced (ops.multi.DECODE_GATHER, and DECODE_FUSED with
-        `config` for DECODE_FUSED_CONFIG, the one-launch kernel's tiles)."""
+    def forced(fn, **settings):
+        """fn run with some of lorakit.ops.multi's decode switches set: DECODE_GATHER, DECODE_GROUPED,
+        DECODE_SIBLINGS, DECODE_GROUP_CONFIG (the grouped kernel's tiles)."""
         def run(*a):
-            defaults = multi.DECODE_GATHER, multi.DECODE_FUSED, multi.DECODE_FUSED_CONFIG
-            multi.DECODE_GATHER, multi.DECODE_FUSED = gather, fused
-            multi.DECODE_FUSED_CONFIG = config or multi.DECODE_FUSED_CONFIG
+            defaults = {k: getattr(multi, k) for k in settings}
+            for k, v in settings.items():
+                setattr(multi, k, v)
             try:
                 return fn(*a)
             finally:
-                multi.DECODE_GATHER, multi.DECODE_FUSED, multi.DECODE_FUSED_CONFIG = defaults
+                for k, v in defaults.items():
+                    setattr(multi, k, v)
         return run
 
     decode_runs = {"base": lambda s: decode_run(base, prompt, s), "lorakit 16 adapters (route)": mixed_decode,
-                   "lorakit 16 adapters, gathered expand": forced(True, mixed_decode),
-                   "lorakit 16 adapters, fused decode kernel": forced(True, mixed_decode, fused=True)}
+                   "lorakit 16 adapters, grouped, one launch per layer": forced(mixed_decode, DECODE_SIBLINGS=False),
+                   "lorakit 16 adapters, dense (3 calls)": forced(mixed_decode, DECODE_GROUPED=False),
+                   "lorakit 16 adapters, gathered expand": forced(mixed_decode, DECODE_GROUPED=False,
+                                                                  DECODE_GATHER=True)}
     for fn in decode_runs.values():
         fn(4)  # warm-up
     samples = {run: [] for run in decode_runs}
@@ -273,10 +277,13 @@ def main() -> None:
 
         graph_runs = [("base", lambda: graphed_decode_run(base, prompt, args.decode_steps)),
                       ("lorakit 16 adapters (route)", graphed_mixed),
-                      ("lorakit 16 adapters, dense (3 calls)", forced(False, graphed_mixed))]
-        for spec in args.fused_configs.split(","):
-            cfg = dict(zip(("cols", "BK", "BN", "num_warps"), map(int, spec.split(":"))))
-            graph_runs.append((f"lorakit 16 adapters, fused decode kernel {spec}", forced(True, graphed_mixed, True, cfg)))
+                      ("lorakit 16 adapters, grouped, one launch per layer", forced(graphed_mixed, DECODE_SIBLINGS=False)),
+                      ("lorakit 16 adapters, gathered expand", forced(graphed_mixed, DECODE_GROUPED=False)),
+                      ("lorakit 16 adapters, dense (3 calls)", forced(graphed_mixed, DECODE_GROUPED=False,
+                                                                      DECODE_GATHER=False))]
+        for spec in args.group_configs.split(","):
+            cfg = dict(zip(("cols", "BK", "BN", "num_warps", "num_stages", "max_in"), map(int, spec.split(":"))))
+            graph_runs.append((f"lorakit 16 adapters, grouped {spec}", forced(graphed_mixed, DECODE_GROUP_CONFIG=cfg)))
         for run, fn in graph_runs:
             try:
                 add("decode, CUDA graph", run, fn())

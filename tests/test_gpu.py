@@ -160,14 +160,17 @@ def test_bf16_compiled_matches_eager(p, custom_ops, monkeypatch):
         assert compiled_err < 1.5 * eager_err + 2e-3, (compiled_err, eager_err)
 
 
-@pytest.mark.parametrize("seq,decode", [(1, "dense"), (1, "gathered"), (1, "fused"), (300, "dense")])
+@pytest.mark.parametrize("seq,decode", [(1, "dense"), (1, "gathered"), (1, "grouped"), (1, "grouped-per-layer"),
+                                        (300, "dense")])
 def test_bf16_mixed_batch_matches_each_row_alone(seq, decode, monkeypatch):
-    """seq 1: the few-token route (three library calls, the gathered expand, the one-launch decode
-    kernel); seq 300: the prefill kernels."""
+    """seq 1: the few-token routes (three library calls, the gathered expand, the grouped one-launch
+    kernel with siblings sharing a launch or one launch per layer), on the second call of the
+    shape, which is the one that groups siblings; seq 300: the prefill kernels."""
     from lorakit.ops import multi
 
-    monkeypatch.setattr(multi, "DECODE_GATHER", decode != "dense")
-    monkeypatch.setattr(multi, "DECODE_FUSED", decode == "fused")
+    monkeypatch.setattr(multi, "DECODE_GATHER", decode == "gathered")
+    monkeypatch.setattr(multi, "DECODE_GROUPED", decode.startswith("grouped"))
+    monkeypatch.setattr(multi, "DECODE_SIBLINGS", decode == "grouped")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -183,6 +186,7 @@ def test_bf16_mixed_batch_matches_each_row_alone(seq, decode, monkeypatch):
     ids = torch.randint(0, 512, (len(rows), seq), device="cuda")
     with torch.no_grad():
         with lorakit.route(model, rows):
+            model(input_ids=ids)
             mixed = model(input_ids=ids).logits.float()
         for i, name in enumerate(rows):
             if name is None:

@@ -238,36 +238,55 @@ def test_gather_expand_add_equals_the_dense_route(dtype, seq):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("seq", [1, 3])
-@pytest.mark.parametrize("n_out,cols,bk,bn,ranks", [(24, 2048, 512, 512, (2, 7, 4)), (600, 256, 128, 128, (2, 7, 4)),
-                                                     (600, 300, 64, 256, (2, 20, 4))])  # the last: padded rank 32
-def test_fused_decode_add_equals_the_dense_route(dtype, seq, n_out, cols, bk, bn, ranks, monkeypatch):
-    """Decode's one-launch kernel (each token's shrink and expand in one program) against the
-    three-call dense route, on the kernel (interpreted on a CPU) and on its torch fallback; one
-    slice of columns, or several with the last ragged (cols rounded up to whole BN steps); in = 300
-    ends on a ragged BLOCK_K step."""
-    monkeypatch.setattr(multi, "DECODE_FUSED_CONFIG", dict(cols=cols, BK=bk, BN=bn, num_warps=4))
-    a_stack, b_stack, a_cat, row_adapter, x2, y0, want = decode_case(dtype, seq, 300, n_out, 12, ranks)
+@pytest.mark.parametrize("outs,cols,bk,bn,ranks", [
+    ((24,), 2048, 128, 128, (2, 7, 4)),  # one member, one slice of columns
+    ((600, 40, 200), 256, 64, 128, (2, 7, 4)),  # three members, several ragged slices; in = 300 ends mid-BK
+    ((40, 72), 64, 128, 32, (2, 20, 4)),  # two members at padded rank 32
+    ((40, 24, 56, 16), 128, 128, 64, (3, 1, 5)),  # four members: two launches
+])
+def test_grouped_decode_add_equals_the_dense_route(dtype, seq, outs, cols, bk, bn, ranks, monkeypatch):
+    """The grouped one-launch decode kernel (each adapter's tokens, shrink and expand in one program,
+    for several layers fed one x) against the three-call dense route of each member, on the kernel
+    (interpreted on a CPU) and on its torch fallback."""
+    monkeypatch.setattr(multi, "DECODE_GROUP_CONFIG", dict(cols=cols, BK=bk, BN=bn, num_warps=4, num_stages=2,
+                                                           max_in=8192))
+    cases = [decode_case(dtype, seq, 300, n_out, 12 + i, ranks) for i, n_out in enumerate(outs)]
+    x2, row_adapter = cases[0][4], cases[0][3]
+    tokens = multi.adapter_tokens(row_adapter.tolist(), seq, 3, "cpu")
+    wants = []
+    for a_stack, b_stack, a_cat, _, _, y0, _ in cases:  # each member's dense route on the shared x2
+        mask = multi.dense_row_mask(row_adapter, seq, 3, a_stack.shape[1], dtype)
+        b_cat = multi.dense_tables(a_stack, b_stack)[1]
+        wants.append(multi.dense_expand_add_(y0.clone().float(), x2.float(), a_cat.float(), b_cat.float(),
+                                             mask.float()))
     for on_kernels in (True, False):
         fused.use_kernels_on_cpu(on_kernels)
         try:
-            y = y0.clone()
-            got = multi.fused_decode_add_(y, x2, a_stack, b_stack, row_adapter, seq)
-            monkeypatch.setattr(multi, "DECODE_FUSED", True)  # the same through the gathered route's switch
-            via_route = multi.gather_expand_add_(y0.clone(), x2, a_cat, b_stack, row_adapter, seq)
-            monkeypatch.setattr(multi, "DECODE_FUSED", False)
+            ys = [c[5].clone() for c in cases]
+            got = multi.grouped_decode_add_(ys, x2, [c[0] for c in cases], [c[1] for c in cases], tokens)
         finally:
             fused.use_kernels_on_cpu(False)
-        assert got.data_ptr() == y.data_ptr()
-        for out in (got, via_route):
-            check_decode(out, want, y0, seq, dtype)
+        for out, y, want, c in zip(got, ys, wants, cases):
+            assert out.data_ptr() == y.data_ptr()
+            check_decode(out, want, c[5], seq, dtype)
 
 
-def test_fused_decode_add_rejects_mismatched_tables():
+def test_adapter_tokens_groups_tokens_by_adapter():
+    t = multi.adapter_tokens([2, -1, 0, 2], 2, 3, "cpu")
+    assert t.order.tolist() == [4, 5, 0, 1, 6, 7] and t.starts.tolist() == [0, 2, 2, 6] and t.max_tokens == 4
+    with pytest.raises(ValueError, match=r"adapter indices in \[-1, 3\)"):
+        multi.adapter_tokens([3], 1, 3, "cpu")
+
+
+def test_grouped_decode_add_rejects_mismatched_tables():
     a_stack, b_stack, _ = multi.stack_adapters([torch.randn(4, 8)], [torch.randn(6, 4)], [1.0], torch.float32, "cpu")
-    x2, y2, rows = torch.randn(2, 8), torch.randn(2, 6), torch.tensor([0, -1], dtype=torch.int32)
-    with pytest.raises(ValueError, match="a_stack: expected shape"):
-        multi.fused_decode_add_(y2, torch.randn(2, 9), a_stack, b_stack, rows, 1)
-    with pytest.raises(ValueError, match="y2: expected shape"):
-        multi.fused_decode_add_(torch.randn(2, 7), x2, a_stack, b_stack, rows, 1)
-    with pytest.raises(ValueError, match="b_stack: expected shape"):
-        multi.fused_decode_add_(y2, x2, a_stack, b_stack.double(), rows, 1)
+    x2, y2, rows = torch.randn(2, 8), torch.randn(2, 6), [0, -1]
+    tokens = multi.adapter_tokens(rows, 1, 1, "cpu")
+    with pytest.raises(ValueError, match="a_stack 0: expected shape"):
+        multi.grouped_decode_add_([y2], torch.randn(2, 9), [a_stack], [b_stack], tokens)
+    with pytest.raises(ValueError, match="member 0: expected b_stack"):
+        multi.grouped_decode_add_([torch.randn(2, 7)], x2, [a_stack], [b_stack], tokens)
+    with pytest.raises(ValueError, match="b_stack 1: expected shape"):
+        multi.grouped_decode_add_([y2, y2], x2, [a_stack, a_stack], [b_stack, b_stack.double()], tokens)
+    with pytest.raises(ValueError, match="equal, non-zero numbers"):
+        multi.grouped_decode_add_([y2], x2, [a_stack, a_stack], [b_stack], tokens)

@@ -13,18 +13,19 @@ def rel(a, b):
     return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
 
 
-@pytest.fixture(params=["dense", "gather", "fused-decode", "torch", "kernels"])
+@pytest.fixture(params=["dense", "gather", "grouped", "grouped-per-layer", "torch", "kernels"])
 def kernels(request, monkeypatch):
     """Each mixed-batch route: the dense few-token path (the tests' inputs are small), the same with
-    the gathered expand kernel that CUDA-graph capture takes, and with the one-launch decode kernel,
-    and with the few-token path turned off the shrink/expand ops through their torch path and
-    through the Triton kernels (interpreted on a CPU)."""
-    if request.param not in ("dense", "gather", "fused-decode"):
+    the gathered expand kernel that CUDA-graph capture takes, with the grouped one-launch decode
+    kernel (siblings fed one input sharing a launch, or one launch per layer), and with the
+    few-token path turned off the shrink/expand ops through their torch path and through the
+    Triton kernels (interpreted on a CPU)."""
+    if request.param in ("torch", "kernels"):
         monkeypatch.setattr(ops.multi, "DENSE_MAX_TOKENS", 0)
-    if request.param in ("gather", "fused-decode"):
-        monkeypatch.setattr(ops.multi, "DECODE_GATHER", True)
-    monkeypatch.setattr(ops.multi, "DECODE_FUSED", request.param == "fused-decode")
-    fused.use_kernels_on_cpu(request.param in ("kernels", "gather", "fused-decode"))
+    monkeypatch.setattr(ops.multi, "DECODE_GATHER", True if request.param == "gather" else None)
+    monkeypatch.setattr(ops.multi, "DECODE_GROUPED", request.param.startswith("grouped"))
+    monkeypatch.setattr(ops.multi, "DECODE_SIBLINGS", request.param == "grouped")
+    fused.use_kernels_on_cpu(request.param in ("kernels", "gather", "grouped", "grouped-per-layer"))
     yield request.param
     fused.use_kernels_on_cpu(False)
 
@@ -113,6 +114,34 @@ def test_generate_with_a_mixed_batch_equals_each_row_alone(kernels):
             lorakit.set_adapter(model, name)
             want = model.generate(input_ids=ids[i:i + 1], **kw)
         assert torch.equal(mixed[i:i + 1], want), (i, name)
+
+
+def test_decode_steps_share_one_launch_among_layers_fed_one_input(monkeypatch):
+    """From the second call of a shape on, q/k/v and gate/up each take one grouped launch (with
+    o and down: 4 a block instead of 7), and the outputs still equal each row alone."""
+    model = with_adapters(tiny_llama_causal(), LLAMA_TARGETS)
+    launches = []
+    kernel = ops.multi._grouped_decode_kernel
+    real = kernel.run
+    monkeypatch.setattr(kernel, "run", lambda *a, **kw: launches.append(kw["MEMBERS"]) or real(*a, **kw))
+    fused.use_kernels_on_cpu(True)
+    try:
+        ids = input_ids(batch=len(ROWS), seq=1)
+        blocks = len(model.model.layers)
+        with torch.no_grad(), lorakit.route(model, ROWS):
+            first = model(input_ids=ids).logits
+            assert launches == [1] * 7 * blocks  # the first call finds the siblings
+            launches.clear()
+            second = model(input_ids=ids).logits
+            assert launches == [3, 1, 2, 1] * blocks
+            with lorakit.disable_adapters(model):  # outputs computed ahead are not taken by a disabled layer
+                assert torch.equal(model(input_ids=ids).logits, alone(model, None, input_ids=ids))
+    finally:
+        fused.use_kernels_on_cpu(False)
+    assert torch.equal(first, second)
+    with torch.no_grad():
+        for i, name in enumerate(ROWS):
+            assert rel(second[i:i + 1], alone(model, name, input_ids=ids[i:i + 1])) < 1e-5, (i, name)
 
 
 def test_repeated_rows_take_their_source_rows_adapter():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from copy import deepcopy
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,6 +24,28 @@ if TYPE_CHECKING:
     from lorakit.route import Route
 
 SUPPORTED_TYPES = "nn.Linear, transformers' Conv1D, nn.Embedding and nn.Conv2d"
+
+
+@dataclass
+class DecodePlan:
+    """A few-token mixed-batch call's tensors, kept by a LoraLinear for the next call of the same shape."""
+
+    route: Route
+    key: tuple  # (x.shape, x.dtype, training) of the call that built it
+    weight: Tensor  # (out, in)
+    bias: Tensor | None
+    a_stack: Tensor  # (N, R, in)
+    b_stack: Tensor  # (N, out, R)
+    a_cat: Tensor  # (N·R, in)
+    b_cat: Tensor  # (out, N·R)
+    mask: Tensor  # (T, N·R)
+    row_adapter: Tensor  # (rows,)
+    tokens: ops.multi.AdapterTokens
+
+    def fits(self, other: DecodePlan) -> bool:
+        """Whether this layer can share `other`'s grouped launch: same context, call shape and tables' N and R."""
+        return (self.route is other.route and self.key == other.key and self.tokens is other.tokens
+                and self.a_stack.shape[:2] == other.a_stack.shape[:2])
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -59,7 +82,7 @@ class LoraLayer(nn.Module):
         # Set by `lorakit.route` while a mixed batch runs: which adapter each batch row uses.
         self.route: Route | None = None
         self._stacks: dict[tuple, tuple] = {}  # padded adapter tables for the mixed-batch kernels
-        self._plan: tuple | None = None  # the last few-token mixed-batch call's tensors, reused by the next
+        self._plan: DecodePlan | None = None  # the last few-token mixed-batch call's tensors, reused by the next
 
     def __getattr__(self, name: str):
         # Code that reads `layer.weight`, `layer.in_features`, ... sees the base layer's.
@@ -246,17 +269,11 @@ class LoraLinear(LoraLayer):
     def _routed_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         """Each batch row (dim 0 of x) with its own adapter or none."""
         plan = self._plan
-        if (plan is not None and plan[0] is self.route and plan[1] == (x.shape, x.dtype, self.training) and not args
-                and not kwargs and not (torch.is_grad_enabled() or self.disabled or self.merged_adapters
-                                        or torch.is_autocast_enabled(x.device.type))):
+        if (plan is not None and plan.route is self.route and plan.key == (x.shape, x.dtype, self.training)
+                and not args and not kwargs and not (torch.is_grad_enabled() or self.disabled or self.merged_adapters
+                                                     or torch.is_autocast_enabled(x.device.type))):
             # decode: every step repeats the last step's shapes; skip the bookkeeping below
-            _, _, weight, bias, a_cat, b_cat, mask, b_stack, row_adapter, seq = plan
-            x2 = x.reshape(-1, x.shape[-1])
-            if ops.multi.gather_route(x2, b_stack):
-                y2 = ops.multi.gather_expand_add_(F.linear(x2, weight, bias), x2, a_cat, b_stack, row_adapter, seq)
-            else:
-                y2 = ops.multi.dense_expand_add_(F.linear(x2, weight, bias), x2, a_cat, b_cat, mask)
-            return y2.view(*x.shape[:-1], self.out_features)
+            return self._decode_step(x, plan).view(*x.shape[:-1], self.out_features)
         self.check_routable()
         route = self.route
         names = [n for n in route.names if n in self.A_table]
@@ -275,18 +292,19 @@ class LoraLinear(LoraLayer):
         plain = not args and not kwargs and ops.fast_path_blocker(base, x) is None and base.weight.dtype == x.dtype
         weight = base.weight.T if self.fan_in_fan_out else base.weight  # (out, in)
         if x2.shape[0] <= ops.multi.DENSE_MAX_TOKENS:
-            y2 = F.linear(x2, weight, base.bias) if plain else base(x, *args, **kwargs).reshape(-1, n_out)
             n, r = a_stack.shape[:2]
             mask = route.cached(("mask", tuple(names), rows, seq, r, x.dtype, x.device),
                                 lambda: ops.multi.dense_row_mask(row_adapter, seq, n, r, x.dtype))
             a_cat, b_cat = self.stacked(route, tuple(names), x.dtype, x.device, dense=True)
-            if ops.multi.gather_route(x2, b_stack):
-                y = ops.multi.gather_expand_add_(y2, x2, a_cat, b_stack, row_adapter, seq)
-            else:
-                y = ops.multi.dense_expand_add_(y2, x2, a_cat, b_cat, mask)
-            if plain:
-                self._plan = (route, (x.shape, x.dtype, self.training), weight, base.bias, a_cat, b_cat, mask,
-                              b_stack, row_adapter, seq)
+            if not plain:
+                y = base(x, *args, **kwargs).reshape(-1, n_out)
+                return ops.multi.dense_expand_add_(y, x2, a_cat, b_cat, mask).reshape(*x.shape[:-1], n_out)
+            tokens = route.cached(("tokens", tuple(names), rows, seq, x.device), lambda: ops.multi.adapter_tokens(
+                route.row_indices(tuple(names), rows), seq, n, x.device))
+            self._plan = DecodePlan(route, (x.shape, x.dtype, self.training), weight, base.bias, a_stack, b_stack,
+                                    a_cat, b_cat, mask, row_adapter, tokens)
+            route.note_input(self, x)
+            y = self._decode_step(x, self._plan, group=False)
         elif plain:
             y = ops.multi.multi_lora_linear(x3, weight, base.bias, a_stack, b_stack, row_adapter)
         else:
@@ -294,6 +312,35 @@ class LoraLinear(LoraLayer):
             h = ops.multi.lora_shrink(x2, a_stack, row_adapter, seq)
             ops.multi.lora_expand_add_(y, h, b_stack, row_adapter, seq)
         return y.reshape(*x.shape[:-1], n_out)
+
+    def _decode_step(self, x: Tensor, plan: DecodePlan, group: bool = True) -> Tensor:
+        """y2 (T, out) of a few-token mixed batch: the base GEMM, then the LoRA branch added in place.
+
+        With `group`, a layer that leads a run of layers fed this same x (`Route.note_input`)
+        computes all of theirs in one grouped launch and leaves their outputs for them to take.
+        """
+        route, x2 = plan.route, x.reshape(-1, x.shape[-1])
+        held = route.take(self, x)
+        if held is not None:
+            return held
+        multi = ops.multi
+        if not multi.grouped_route(x2, plan.a_stack):
+            y2 = F.linear(x2, plan.weight, plan.bias)
+            if multi.gather_route(x2, plan.b_stack):
+                return multi.gather_expand_add_(y2, x2, plan.a_cat, plan.b_stack, plan.row_adapter, plan.tokens.seq)
+            return multi.dense_expand_add_(y2, x2, plan.a_cat, plan.b_cat, plan.mask)
+        members = [self]
+        if group and multi.DECODE_SIBLINGS:
+            members = [m for m in route.siblings.get(self, (self,))
+                       if m._plan is not None and m._plan.fits(plan) and not (m.disabled or m.merged_adapters)]
+            if members[0] is not self:
+                members = [self]
+        plans = [m._plan for m in members]
+        ys = [F.linear(x2, p.weight, p.bias) for p in plans]
+        multi.grouped_decode_add_(ys, x2, [p.a_stack for p in plans], [p.b_stack for p in plans], plan.tokens)
+        for m, y in zip(members[1:], ys[1:]):
+            route.leave(m, x, y)
+        return ys[0]
 
     def stacked(self, route: Route, names: tuple[str, ...], dtype: torch.dtype, device: torch.device,
                 dense: bool = False) -> tuple[Tensor, Tensor]:

@@ -38,6 +38,13 @@ class Route:
         self.rows = tuple(names)
         self.names = tuple(dict.fromkeys(n for n in names if n is not None))  # distinct, in order
         self._tensors: dict[tuple, Tensor] = {}
+        # Few-token steps: layers called one after another on the same tensor (q/k/v, gate/up)
+        # are siblings; the first computes all their outputs in one grouped launch (see
+        # LoraLinear._decode_step) and leaves the others theirs, which each takes only if
+        # it is called with that same, unmodified tensor.
+        self.siblings: dict[nn.Module, tuple[nn.Module, ...]] = {}
+        self._run: tuple | None = None  # (x, its version, [layers called on it so far])
+        self._left: dict[nn.Module, tuple] = {}  # layer -> (x, version, its output)
 
     def per_row(self, n_rows: int) -> tuple[str | None, ...]:
         """The adapter of each of a batch's `n_rows` rows."""
@@ -47,13 +54,16 @@ class Route:
                              f"but the batch has {n_rows} rows")
         return tuple(n for n in self.rows for _ in range(k))
 
+    def row_indices(self, names: tuple[str, ...], n_rows: int) -> list[int]:
+        """Each row's index into `names`, or -1."""
+        index = {n: i for i, n in enumerate(names)}
+        return [index.get(n, -1) for n in self.per_row(n_rows)]
+
     def row_tensor(self, names: tuple[str, ...], n_rows: int, device: torch.device) -> Tensor:
-        """(n_rows,) int32: each row's index into `names`, or -1."""
+        """(n_rows,) int32: `row_indices` on `device`."""
         key = ("index", names, n_rows, device)
         if key not in self._tensors:
-            index = {n: i for i, n in enumerate(names)}
-            rows = [index.get(n, -1) for n in self.per_row(n_rows)]
-            self._tensors[key] = torch.tensor(rows, dtype=torch.int32, device=device)
+            self._tensors[key] = torch.tensor(self.row_indices(names, n_rows), dtype=torch.int32, device=device)
         return self._tensors[key]
 
     def cached(self, key: tuple, make) -> Tensor:
@@ -61,6 +71,33 @@ class Route:
         if key not in self._tensors:
             self._tensors[key] = make()
         return self._tensors[key]
+
+    def note_input(self, layer: nn.Module, x: Tensor) -> None:
+        """Record that `layer` ran on x: a run of layers called in turn on one tensor are siblings."""
+        run = self._run
+        if run is not None and run[0] is x and run[1] == _version(x):
+            run[2].append(layer)
+        else:
+            self._run = run = (x, _version(x), [layer])
+        group = tuple(run[2])
+        for m in group:
+            self.siblings[m] = group
+
+    def leave(self, layer: nn.Module, x: Tensor, y: Tensor) -> None:
+        """Hold `layer`'s output y for input x, computed ahead by its group's first layer."""
+        self._left[layer] = (x, _version(x), y)
+
+    def take(self, layer: nn.Module, x: Tensor) -> Tensor | None:
+        """The output left for `layer` if it was computed from this very x, unmodified; else None."""
+        held = self._left.pop(layer, None)
+        if held is not None and held[0] is x and held[1] == _version(x):
+            return held[2]
+        return None
+
+    def close(self) -> None:
+        """Drop the tensors held for sibling groups (the context is over)."""
+        self._run = None
+        self._left.clear()
 
     def groups(self, n_rows: int, device: torch.device) -> Iterator[tuple[str, Tensor]]:
         """(adapter, the rows that use it as a long tensor) for each adapter in the batch."""
@@ -71,6 +108,11 @@ class Route:
                 self._tensors[key] = torch.tensor(rows, dtype=torch.long, device=device)
             if self._tensors[key].numel():
                 yield name, self._tensors[key]
+
+
+def _version(x: Tensor) -> int | None:
+    """x's in-place version counter (None for inference-mode tensors, which keep none)."""
+    return None if x.is_inference() else x._version
 
 
 def _routable(model: nn.Module) -> list[nn.Module]:
@@ -100,5 +142,6 @@ def route(model: nn.Module, adapters: Sequence[str | None]):
     try:
         yield r
     finally:
+        r.close()
         for m in layers:
             m.route = None

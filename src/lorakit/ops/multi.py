@@ -17,6 +17,7 @@ not take, the `*_torch` functions compute the same. Gradients do not flow throug
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -381,19 +382,6 @@ def dense_expand_add_(y2: Tensor, x2: Tensor, a_cat: Tensor, b_cat: Tensor, mask
 DECODE_GATHER: bool | None = None
 
 
-# One launch instead of two: a program per token (and per slice of at most "cols" output
-# columns) computes its own adapter's h = x·Aᵀ (R numbers) and adds h·Bᵀ into y. The shrink
-# is recomputed once per slice of a wide output, and each program reads its adapter's A and B
-# once, in BK- and BN-wide steps (wide steps keep more loads in flight in each program's
-# serial loops). Off: on an H200 (batch 64, 16 adapters, under a CUDA graph) it took 6.06–7.48 ms a
-# step at the four tile choices of benchmarks/infer.py against 5.77 ms for the two kernels
-# (benchmarks/RESULTS.md); the serial loops over a wide `in` (down_proj's 8192) and the shrink
-# repeated per output slice cost more than the launch it saves. True takes it wherever the
-# gathered route runs.
-DECODE_FUSED = False
-DECODE_FUSED_CONFIG = {"cols": 2048, "BK": 512, "BN": 512, "num_warps": 8}
-
-
 def gather_route(x: Tensor, b_stack: Tensor) -> bool:
     """Whether decode takes `gather_expand_add_` (see DECODE_GATHER) for inputs like x."""
     if DECODE_GATHER is False or not kernels_usable(b_stack, b_stack.shape[2]):
@@ -407,8 +395,6 @@ def gather_expand_add_(y2: Tensor, x2: Tensor, a_cat: Tensor, b_stack: Tensor, r
     x2·a_catᵀ is computed for all adapters at once and each token's own R columns are expanded.
     a_cat (N·R, in) from `dense_tables`, b_stack (N, out, R), both in x2's dtype; returns y2."""
     n_out, R = b_stack.shape[1], b_stack.shape[2]
-    if DECODE_FUSED and kernels_usable(b_stack, R):
-        return fused_decode_add_(y2, x2, a_cat.view(b_stack.shape[0], R, -1), b_stack, row_adapter, seq)
     h_all = x2 @ a_cat.T  # (T, N·R)
     if not kernels_usable(b_stack, R):
         n = b_stack.shape[0]
@@ -423,63 +409,170 @@ def gather_expand_add_(y2: Tensor, x2: Tensor, a_cat: Tensor, b_stack: Tensor, r
     return y2
 
 
+
+
+# -- few tokens, one launch per group of layers fed the same input ---------------------------
+#
+# Decode's LoRA work is a few hundred kilobytes per layer, so its cost is the number of
+# kernels, not their arithmetic. `grouped_decode_add_` does the whole branch of up to
+# GROUP_MAX_MEMBERS layers that read the same x (q/k/v, gate/up) in one launch: a program
+# takes one adapter's tokens (at most BT of them), computes their h = x·Aᵀ on the tensor
+# cores and adds h·Bᵀ into a slice of "cols" output columns of one member's y. The shrink is
+# repeated once per slice (a few hundred kilobytes of L2 reads at decode sizes); members whose
+# `in` exceeds "max_in" (a long serial shrink loop) keep the two-kernel gathered route.
+DECODE_GROUPED = True  # the grouped kernel for few-token steps, where the kernels can run
+DECODE_SIBLINGS = True  # layers fed the same tensor share one launch (False: one launch per layer)
+DECODE_GROUP_CONFIG = {"cols": 512, "BK": 128, "BN": 128, "num_warps": 4, "num_stages": 3, "max_in": 8192}
+GROUP_MAX_MEMBERS = 3
+GROUP_BLOCK_T = 16  # tokens of one adapter per program (tl.dot's smallest tile)
+
+
+class AdapterTokens(NamedTuple):
+    """The tokens of a mixed batch grouped by adapter, for `grouped_decode_add_`.
+
+    order (T_used,) int32: token indices, adapter 0's first; starts (N + 1,) int32: adapter
+    i owns order[starts[i]:starts[i + 1]]; max_tokens: the most tokens any adapter has (a
+    host int: it sizes the grid with no sync). Tokens of rows without an adapter are left
+    out. row_adapter and seq serve the torch path.
+    """
+
+    order: Tensor
+    starts: Tensor
+    max_tokens: int
+    row_adapter: Tensor
+    seq: int
+
+
+def adapter_tokens(rows: Sequence[int], seq: int, n: int, device: torch.device | str) -> AdapterTokens:
+    """`AdapterTokens` of a batch whose row i uses adapter rows[i] (in [-1, n); -1: none) with `seq` tokens a row."""
+    if seq < 1 or any(not -1 <= a < n for a in rows):
+        raise ValueError(f"expected seq >= 1 and adapter indices in [-1, {n}); found seq = {seq} and {list(rows)}")
+    order, starts = [], [0]
+    for i in range(n):
+        order += [row * seq + t for row, a in enumerate(rows) if a == i for t in range(seq)]
+        starts.append(len(order))
+    most = max(b - a for a, b in zip(starts, starts[1:])) if n else 0
+    as_tensor = lambda v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
+    return AdapterTokens(as_tensor(order), as_tensor(starts), most, as_tensor(list(rows)), seq)
+
+
+def grouped_route(x2: Tensor, a_stack: Tensor) -> bool:
+    """Whether a few-token step takes `grouped_decode_add_` for an input like x2 and this layer's tables."""
+    return (DECODE_GROUPED and kernels_usable(a_stack, a_stack.shape[1])
+            and x2.shape[1] <= DECODE_GROUP_CONFIG["max_in"])
+
+
+def _check_member(i: int, y2: Tensor, x2: Tensor, a_stack: Tensor, b_stack: Tensor, first: Tensor) -> None:
+    n, R = first.shape[:2]
+    _check_table(f"a_stack {i}", a_stack, (R, x2.shape[1]), x2.dtype, x2.device)
+    if a_stack.shape[0] != n:
+        raise ValueError(f"a_stack {i}: expected {n} adapters like the first member's; found {a_stack.shape[0]}")
+    _check_table(f"b_stack {i}", b_stack, (None, R), x2.dtype, x2.device)
+    if b_stack.shape[0] != n or y2.shape != (x2.shape[0], b_stack.shape[1]) or y2.device != x2.device:
+        raise ValueError(f"member {i}: expected b_stack ({n}, out, {R}) and y2 ({x2.shape[0]}, out) on "
+                         f"{x2.device}; found b_stack {tuple(b_stack.shape)} and y2 {tuple(y2.shape)} on {y2.device}")
+    if not (a_stack.is_contiguous() and b_stack.is_contiguous() and y2.stride(1) == 1 and x2.stride(1) == 1):
+        raise ValueError(f"member {i}: expected contiguous tables and rows of x2 and y2 with unit stride")
+
+
+def grouped_decode_add_(ys: Sequence[Tensor], x2: Tensor, a_stacks: Sequence[Tensor], b_stacks: Sequence[Tensor],
+                        tokens: AdapterTokens) -> list[Tensor]:
+    """In place, for every member m: ys[m][t] += (x2[t]·A_m[a]ᵀ)·B_m[a]ᵀ, a the adapter of token t
+    (nothing for tokens without one). x2 (T, in); a_stacks[m] (N, R, in) and b_stacks[m] (N, out_m, R,
+    already scaled) from `stack_adapters`, with one N and R for all members; ys[m] (T, out_m); all in
+    x2's dtype. One launch per GROUP_MAX_MEMBERS members. Returns ys."""
+    if not ys or len(ys) != len(a_stacks) or len(ys) != len(b_stacks):
+        raise ValueError(f"expected equal, non-zero numbers of outputs, A tables and B tables; found "
+                         f"{len(ys)}, {len(a_stacks)} and {len(b_stacks)}")
+    _check_tokens("x2", x2, tokens.row_adapter, tokens.seq)
+    for i, (y2, a, b) in enumerate(zip(ys, a_stacks, b_stacks)):
+        _check_member(i, y2, x2, a, b, a_stacks[0])
+    R = a_stacks[0].shape[1]
+    if not kernels_usable(x2, R):
+        for y2, a, b in zip(ys, a_stacks, b_stacks):
+            lora_expand_add_torch(y2, lora_shrink_torch(x2, a, tokens.row_adapter, tokens.seq), b,
+                                  tokens.row_adapter, tokens.seq)
+        return list(ys)
+    if not x2.shape[0] or not tokens.max_tokens:
+        return list(ys)
+    cfg = DECODE_GROUP_CONFIG
+    bn = cfg["BN"]
+    cols = triton.cdiv(cfg["cols"], bn) * bn  # whole BN steps
+    for g in range(0, len(ys), GROUP_MAX_MEMBERS):
+        part = list(range(g, min(g + GROUP_MAX_MEMBERS, len(ys))))
+        chunks = [triton.cdiv(b_stacks[m].shape[1], cols) for m in part]
+        padded = part + [part[0]] * (GROUP_MAX_MEMBERS - len(part))  # unused slots repeat the first member
+        args = []
+        for m in padded:
+            args += [a_stacks[m], b_stacks[m], ys[m], b_stacks[m].shape[1]]
+        grid = (a_stacks[0].shape[0], triton.cdiv(tokens.max_tokens, GROUP_BLOCK_T), sum(chunks))
+        _grouped_decode_kernel[grid](
+            x2, tokens.order, tokens.starts, x2.shape[1], x2.stride(0), *args, cols,
+            chunks[0], chunks[1] if len(part) > 1 else 0, MEMBERS=len(part), R=R, BT=GROUP_BLOCK_T, BK=cfg["BK"],
+            BN=bn, IEEE=x2.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return list(ys)
+
+
 if triton is not None:
 
     @triton.jit
-    def _fused_decode_kernel(X, A, B, ROWS, Y, seq, n_in, n_out, cols, s_x0, s_x1, s_a0, s_a1, s_a2,
-                             s_b0, s_b1, s_b2, s_y0, s_y1, R: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
-        # Y[t, n] += (X[t, :]·A[a]ᵀ)·B[a][n, :] for token t and columns [split·cols, (split + 1)·cols),
-        # a = ROWS[t // seq]; nothing where a = -1. Products and sums in float32; h is rounded to B's
-        # dtype before the expand, as the two-kernel routes round it.
-        t = tl.program_id(0).to(tl.int64)
-        split = tl.program_id(1)
-        adapter = tl.load(ROWS + t // seq)
-        if adapter >= 0:
-            rr = tl.arange(0, R)
-            a_base = A + adapter.to(tl.int64) * s_a0
-            h = tl.zeros((R,), dtype=tl.float32)
-            for k0 in range(0, n_in, BK):
-                rk = k0 + tl.arange(0, BK)
-                k_ok = rk < n_in
-                x = tl.load(X + t * s_x0 + rk * s_x1, mask=k_ok, other=0.0).to(tl.float32)  # (BK,)
-                a = tl.load(a_base + rr[:, None] * s_a1 + rk[None, :] * s_a2, mask=k_ok[None, :],
-                            other=0.0).to(tl.float32)  # (R, BK)
-                h += tl.sum(a * x[None, :], axis=1)
-            h = h.to(B.dtype.element_ty).to(tl.float32)
-            b_base = B + adapter.to(tl.int64) * s_b0
-            n_start = split * cols
-            for n0 in range(n_start, n_start + cols, BN):
-                rn = n0 + tl.arange(0, BN)
-                n_ok = rn < n_out
-                b = tl.load(b_base + rn[:, None] * s_b1 + rr[None, :] * s_b2, mask=n_ok[:, None],
-                            other=0.0).to(tl.float32)  # (BN, R)
-                ptr = Y + t * s_y0 + rn * s_y1
-                y = tl.load(ptr, mask=n_ok, other=0.0).to(tl.float32) + tl.sum(b * h[None, :], axis=1)
-                tl.store(ptr, y.to(Y.dtype.element_ty), mask=n_ok)
+    def _group_member(X, A, B, Y, adapter, tok, t_ok, chunk, n_in, n_out, cols, s_x0,
+                      R: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
+        # Y[tok, c] += (X[tok]·A[adapter]ᵀ)·B[adapter][c]ᵀ for the columns c of slice `chunk`;
+        # A (N, R, n_in), B (N, n_out, R) and Y (T, n_out) contiguous; h rounded to B's dtype.
+        rr = tl.arange(0, R)
+        a_base = A + adapter.to(tl.int64) * R * n_in
+        acc = tl.zeros((BT, R), dtype=tl.float32)
+        for k0 in range(0, n_in, BK):
+            rk = k0 + tl.arange(0, BK)
+            k_ok = rk < n_in
+            x = tl.load(X + tok[:, None] * s_x0 + rk[None, :], mask=t_ok[:, None] & k_ok[None, :],
+                        other=0.0)  # (BT, BK)
+            a = tl.load(a_base + rr[None, :] * n_in + rk[:, None], mask=k_ok[:, None], other=0.0)  # (BK, R) = Aᵀ
+            if IEEE:
+                acc += tl.dot(x, a, input_precision="ieee")
+            else:
+                acc += tl.dot(x, a)
+        h = acc.to(B.dtype.element_ty)
+        b_base = B + adapter.to(tl.int64) * n_out * R
+        n_start = chunk * cols
+        for n0 in range(n_start, n_start + cols, BN):
+            rn = n0 + tl.arange(0, BN)
+            n_ok = rn < n_out
+            b = tl.load(b_base + rn[None, :] * R + rr[:, None], mask=n_ok[None, :], other=0.0)  # (R, BN) = Bᵀ
+            if IEEE:
+                e = tl.dot(h, b, input_precision="ieee")
+            else:
+                e = tl.dot(h, b)
+            ok = t_ok[:, None] & n_ok[None, :]
+            ptr = Y + tok[:, None] * n_out + rn[None, :]
+            y = tl.load(ptr, mask=ok, other=0.0).to(tl.float32) + e
+            tl.store(ptr, y.to(Y.dtype.element_ty), mask=ok)
 
-
-def fused_decode_add_(y2: Tensor, x2: Tensor, a_stack: Tensor, b_stack: Tensor, row_adapter: Tensor,
-                      seq: int) -> Tensor:
-    """In place, in one launch: y2[t] += (x2[t]·A[a]ᵀ)·B[a]ᵀ with a = row_adapter[t // seq] (nothing
-    where -1). x2 (T, in), y2 (T, out), a_stack (N, R, in) and b_stack (N, out, R, already scaled) in
-    one dtype; returns y2. Meant for a few tokens (decode): each token's program reads its adapter's
-    A and B, so the work grows with tokens × the adapter's size."""
-    _check_tokens("x2", x2, row_adapter, seq)
-    n_out, R = b_stack.shape[1], b_stack.shape[2]
-    _check_table("a_stack", a_stack, (R, x2.shape[1]), x2.dtype, x2.device)
-    _check_table("b_stack", b_stack, (n_out, R), x2.dtype, x2.device)
-    if y2.shape != (x2.shape[0], n_out) or y2.device != x2.device:
-        raise ValueError(f"y2: expected shape ({x2.shape[0]}, {n_out}) on {x2.device}; "
-                         f"found {tuple(y2.shape)} on {y2.device}")
-    if not kernels_usable(b_stack, R):
-        h = lora_shrink_torch(x2, a_stack, row_adapter, seq)
-        return lora_expand_add_torch(y2, h, b_stack, row_adapter, seq)
-    if y2.numel():
-        cfg = DECODE_FUSED_CONFIG
-        bn = cfg["BN"]
-        cols = min(triton.cdiv(cfg["cols"], bn), triton.cdiv(n_out, bn)) * bn  # a whole number of BN steps
-        _fused_decode_kernel[(x2.shape[0], triton.cdiv(n_out, cols))](
-            x2, a_stack, b_stack, row_adapter, y2, seq, x2.shape[1], n_out, cols, x2.stride(0), x2.stride(1),
-            a_stack.stride(0), a_stack.stride(1), a_stack.stride(2), b_stack.stride(0), b_stack.stride(1),
-            b_stack.stride(2), y2.stride(0), y2.stride(1), R=R, BK=cfg["BK"], BN=bn, num_warps=cfg["num_warps"])
-    return y2
+    @triton.jit
+    def _grouped_decode_kernel(X, ORDER, STARTS, n_in, s_x0, A0, B0, Y0, n_out0, A1, B1, Y1, n_out1,
+                               A2, B2, Y2, n_out2, cols, chunks0, chunks1, MEMBERS: tl.constexpr,
+                               R: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+                               IEEE: tl.constexpr):
+        # Program (adapter, token block, column slice): slices 0 .. chunks0 - 1 belong to member 0,
+        # the next chunks1 to member 1, the rest to member 2.
+        adapter = tl.program_id(0)
+        start = tl.load(STARTS + adapter)
+        end = tl.load(STARTS + adapter + 1)
+        first = start + tl.program_id(1) * BT
+        if first < end:
+            offs = first + tl.arange(0, BT)
+            t_ok = offs < end
+            tok = tl.load(ORDER + offs, mask=t_ok, other=0).to(tl.int64)
+            c = tl.program_id(2)
+            if c < chunks0:
+                _group_member(X, A0, B0, Y0, adapter, tok, t_ok, c, n_in, n_out0, cols, s_x0, R, BT, BK, BN, IEEE)
+            else:
+                if MEMBERS >= 2:
+                    if c < chunks0 + chunks1:
+                        _group_member(X, A1, B1, Y1, adapter, tok, t_ok, c - chunks0, n_in, n_out1, cols, s_x0,
+                                      R, BT, BK, BN, IEEE)
+                    else:
+                        if MEMBERS >= 3:
+                            _group_member(X, A2, B2, Y2, adapter, tok, t_ok, c - chunks0 - chunks1, n_in, n_out2,
+                                          cols, s_x0, R, BT, BK, BN, IEEE)
