@@ -154,9 +154,9 @@ def main() -> None:
     parser.add_argument("--peft-decode-steps", type=int, default=32, help="PEFT's mixed decode is slow; fewer steps")
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--skip-graphs", action="store_true", help="leave out the CUDA-graph decode rows")
-    parser.add_argument("--group-configs", default="512:128:128:4:3:8192,256:128:128:4:3:8192,"
-                        "1024:128:128:4:3:8192,512:256:128:4:3:8192,512:128:128:4:3:2048",
-                        help="tiles of the graphed grouped decode rows, COLS:BK:BN:WARPS:STAGES:MAX_IN, comma-separated")
+    parser.add_argument("--group-configs", default="64:4,256:4,128:8",
+                        help="tiles of the graphed grouped decode rows besides the configured one, BN:WARPS, "
+                        "comma-separated")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     import transformers
@@ -240,7 +240,7 @@ def main() -> None:
 
     def forced(fn, **settings):
         """fn run with some of lorakit.ops.multi's decode switches set: DECODE_GATHER, DECODE_GROUPED,
-        DECODE_SIBLINGS, DECODE_GROUP_CONFIG (the grouped kernel's tiles)."""
+        DECODE_SIBLINGS, GROUP_CONFIG (the grouped expand kernel's tiles)."""
         def run(*a):
             defaults = {k: getattr(multi, k) for k in settings}
             for k, v in settings.items():
@@ -282,8 +282,9 @@ def main() -> None:
                       ("lorakit 16 adapters, dense (3 calls)", forced(graphed_mixed, DECODE_GROUPED=False,
                                                                       DECODE_GATHER=False))]
         for spec in args.group_configs.split(","):
-            cfg = dict(zip(("cols", "BK", "BN", "num_warps", "num_stages", "max_in"), map(int, spec.split(":"))))
-            graph_runs.append((f"lorakit 16 adapters, grouped {spec}", forced(graphed_mixed, DECODE_GROUP_CONFIG=cfg)))
+            cfg = dict(zip(("BN", "num_warps"), map(int, spec.split(":"))))
+            graph_runs.append((f"lorakit 16 adapters, grouped BN={cfg['BN']} warps={cfg['num_warps']}",
+                               forced(graphed_mixed, GROUP_CONFIG=cfg)))
         for run, fn in graph_runs:
             try:
                 add("decode, CUDA graph", run, fn())

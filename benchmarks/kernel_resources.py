@@ -67,7 +67,7 @@ def resources(fn, args: dict, constexprs: dict, num_warps: int, num_stages: int 
 
 
 def cases(sweep: bool):
-    """(label, kernel, args, constexprs, num_warps[, num_stages]) for each kernel at its configured tiles (and, with
+    """(label, kernel, args, constexprs, num_warps) for each kernel at its configured tiles (and, with
     `sweep`, the alternatives micro_lora_ops.py times)."""
     seed = dict(SEED="i64", p=0.1, mult=2.2)
     shrink = dict(X="bf16", A="bf16", H="bf16", T=T, n_in=HIDDEN, r=R, s_x0=HIDDEN, s_x1=1, s_a0=HIDDEN, s_a1=1,
@@ -98,16 +98,15 @@ def cases(sweep: bool):
         for bt, bn, w in tiles:
             yield f"gated backward{', dropout' if dropout else ''} BT={bt} BN={bn} warps={w}", \
                 tk._gated_backward_kernel, gated, dict(ACT=0, DROPOUT=dropout, BT=bt, BN=bn, BR=R, IEEE=False), w
-    d = multi.DECODE_GROUP_CONFIG
-    member = dict(A0="bf16", B0="bf16", Y0="bf16", n_out0=HIDDEN, A1="bf16", B1="bf16", Y1="bf16", n_out1=512,
-                  A2="bf16", B2="bf16", Y2="bf16", n_out2=512)
-    decode = dict(X="bf16", ORDER="i32", STARTS="i32", n_in=HIDDEN, s_x0=HIDDEN, cols=d["cols"], chunks0=4,
-                  chunks1=1, **member)
-    tiles = [(d["BK"], d["BN"], d["num_warps"], d["num_stages"])] + ([(256, 128, 4, 3), (128, 128, 8, 4)]
-                                                                       if sweep else [])
-    for bk, bn, w, st in tiles:
-        yield f"grouped decode, q/k/v BK={bk} BN={bn} warps={w} stages={st}", multi._grouped_decode_kernel, \
-            decode, dict(MEMBERS=3, R=R, BT=multi.GROUP_BLOCK_T, BK=bk, BN=bn, IEEE=False), w, st
+    d = multi.GROUP_CONFIG
+    member = dict(B0="bf16", Y0="bf16", s_y0_0=HIDDEN, n_out0=HIDDEN, B1="bf16", Y1="bf16", s_y0_1=512, n_out1=512,
+                  B2="bf16", Y2="bf16", s_y0_2=512, n_out2=512)
+    decode = dict(H="bf16", s_h0=3 * 16 * R, h_start=0, h_member=16 * R, ORDER="i32", STARTS="i32", blocks0=16,
+                  blocks1=4, **member)
+    tiles = [(d["BN"], d["num_warps"])] + ([(64, 4), (256, 4), (128, 8)] if sweep else [])
+    for bn, w in tiles:
+        yield f"grouped decode expand, q/k/v BN={bn} warps={w}", multi._grouped_expand_kernel, decode, \
+            dict(MEMBERS=3, R=R, BT=multi.GROUP_BLOCK_T, BN=bn, IEEE=False), w
     e = tk.EXPAND_CONFIG
     yield f"expand add BT={e['BT']} BN={e['BN']} warps={e['num_warps']}", tk._train_expand_add_kernel, expand, \
         dict(BT=e["BT"], BN=e["BN"], BR=R, IEEE=False), e["num_warps"]
@@ -119,8 +118,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"Triton {triton.__version__}, compiled for sm_90 (no GPU used)")
     print(f"{'kernel':<52} {'regs':>5} {'stack':>6} {'shared':>7} {'warps/SM':>9}")
-    for label, fn, kernel_args, constexprs, *launch in cases(args.sweep):
-        u = resources(fn, kernel_args, constexprs, *launch)
+    for label, fn, kernel_args, constexprs, warps in cases(args.sweep):
+        u = resources(fn, kernel_args, constexprs, warps)
         print(f"{label:<52} {u['REG']:>5} {u['STACK']:>6} {u['SHARED']:>7} {u['warps_per_sm']:>9}")
 
 

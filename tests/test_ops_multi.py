@@ -238,21 +238,21 @@ def test_gather_expand_add_equals_the_dense_route(dtype, seq):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("seq", [1, 3])
-@pytest.mark.parametrize("outs,cols,bk,bn,ranks", [
-    ((24,), 2048, 128, 128, (2, 7, 4)),  # one member, one slice of columns
-    ((600, 40, 200), 256, 64, 128, (2, 7, 4)),  # three members, several ragged slices; in = 300 ends mid-BK
-    ((40, 72), 64, 128, 32, (2, 20, 4)),  # two members at padded rank 32
-    ((40, 24, 56, 16), 128, 128, 64, (3, 1, 5)),  # four members: two launches
+@pytest.mark.parametrize("outs,bn,ranks", [
+    ((24,), 128, (2, 7, 4)),  # one member, one column block
+    ((600, 40, 200), 128, (2, 7, 4)),  # three members, several column blocks, the last ragged
+    ((40, 72), 32, (2, 20, 4)),  # two members at padded rank 32
+    ((40, 24, 56, 16), 64, (3, 1, 5)),  # four members: two expand launches
 ])
-def test_grouped_decode_add_equals_the_dense_route(dtype, seq, outs, cols, bk, bn, ranks, monkeypatch):
-    """The grouped one-launch decode kernel (each adapter's tokens, shrink and expand in one program,
-    for several layers fed one x) against the three-call dense route of each member, on the kernel
-    (interpreted on a CPU) and on its torch fallback."""
-    monkeypatch.setattr(multi, "DECODE_GROUP_CONFIG", dict(cols=cols, BK=bk, BN=bn, num_warps=4, num_stages=2,
-                                                           max_in=8192))
+def test_grouped_decode_add_equals_the_dense_route(dtype, seq, outs, bn, ranks, monkeypatch):
+    """The grouped decode route (one shrink GEMM for several layers fed one x, then one expand
+    launch whose programs each take one adapter's tokens) against the three-call dense route of
+    each member, on the kernel (interpreted on a CPU) and on its torch fallback."""
+    monkeypatch.setattr(multi, "GROUP_CONFIG", dict(BN=bn, num_warps=4))
     cases = [decode_case(dtype, seq, 300, n_out, 12 + i, ranks) for i, n_out in enumerate(outs)]
     x2, row_adapter = cases[0][4], cases[0][3]
     tokens = multi.adapter_tokens(row_adapter.tolist(), seq, 3, "cpu")
+    a_group = multi.group_table([c[2] for c in cases])
     wants = []
     for a_stack, b_stack, a_cat, _, _, y0, _ in cases:  # each member's dense route on the shared x2
         mask = multi.dense_row_mask(row_adapter, seq, 3, a_stack.shape[1], dtype)
@@ -263,7 +263,7 @@ def test_grouped_decode_add_equals_the_dense_route(dtype, seq, outs, cols, bk, b
         fused.use_kernels_on_cpu(on_kernels)
         try:
             ys = [c[5].clone() for c in cases]
-            got = multi.grouped_decode_add_(ys, x2, [c[0] for c in cases], [c[1] for c in cases], tokens)
+            got = multi.grouped_decode_add_(ys, x2, a_group, [c[1] for c in cases], tokens)
         finally:
             fused.use_kernels_on_cpu(False)
         for out, y, want, c in zip(got, ys, wants, cases):
@@ -280,13 +280,17 @@ def test_adapter_tokens_groups_tokens_by_adapter():
 
 def test_grouped_decode_add_rejects_mismatched_tables():
     a_stack, b_stack, _ = multi.stack_adapters([torch.randn(4, 8)], [torch.randn(6, 4)], [1.0], torch.float32, "cpu")
+    a_cat = multi.dense_tables(a_stack, b_stack)[0]
     x2, y2, rows = torch.randn(2, 8), torch.randn(2, 6), [0, -1]
     tokens = multi.adapter_tokens(rows, 1, 1, "cpu")
-    with pytest.raises(ValueError, match="a_stack 0: expected shape"):
-        multi.grouped_decode_add_([y2], torch.randn(2, 9), [a_stack], [b_stack], tokens)
-    with pytest.raises(ValueError, match="member 0: expected b_stack"):
-        multi.grouped_decode_add_([torch.randn(2, 7)], x2, [a_stack], [b_stack], tokens)
+    with pytest.raises(ValueError, match="a_group: expected shape"):
+        multi.grouped_decode_add_([y2], torch.randn(2, 9), a_cat, [b_stack], tokens)
+    with pytest.raises(ValueError, match="a_group: expected shape"):  # two members need two members' rows
+        multi.grouped_decode_add_([y2, y2], x2, a_cat, [b_stack, b_stack], tokens)
+    with pytest.raises(ValueError, match="member 0: expected a contiguous b_stack"):
+        multi.grouped_decode_add_([torch.randn(2, 7)], x2, a_cat, [b_stack], tokens)
     with pytest.raises(ValueError, match="b_stack 1: expected shape"):
-        multi.grouped_decode_add_([y2, y2], x2, [a_stack, a_stack], [b_stack, b_stack.double()], tokens)
+        multi.grouped_decode_add_([y2, y2], x2, multi.group_table([a_cat, a_cat]), [b_stack, b_stack.double()],
+                                  tokens)
     with pytest.raises(ValueError, match="equal, non-zero numbers"):
-        multi.grouped_decode_add_([y2], x2, [a_stack, a_stack], [b_stack], tokens)
+        multi.grouped_decode_add_([y2], x2, a_cat, [b_stack, b_stack], tokens)

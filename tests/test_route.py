@@ -117,11 +117,11 @@ def test_generate_with_a_mixed_batch_equals_each_row_alone(kernels):
 
 
 def test_decode_steps_share_one_launch_among_layers_fed_one_input(monkeypatch):
-    """From the second call of a shape on, q/k/v and gate/up each take one grouped launch (with
-    o and down: 4 a block instead of 7), and the outputs still equal each row alone."""
+    """From the second call of a shape on, q/k/v and gate/up each take one grouped expand launch
+    (with o and down: 4 a block instead of 7), and the outputs still equal each row alone."""
     model = with_adapters(tiny_llama_causal(), LLAMA_TARGETS)
     launches = []
-    kernel = ops.multi._grouped_decode_kernel
+    kernel = ops.multi._grouped_expand_kernel
     real = kernel.run
     monkeypatch.setattr(kernel, "run", lambda *a, **kw: launches.append(kw["MEMBERS"]) or real(*a, **kw))
     fused.use_kernels_on_cpu(True)

@@ -34,7 +34,6 @@ class DecodePlan:
     key: tuple  # (x.shape, x.dtype, training) of the call that built it
     weight: Tensor  # (out, in)
     bias: Tensor | None
-    a_stack: Tensor  # (N, R, in)
     b_stack: Tensor  # (N, out, R)
     a_cat: Tensor  # (N·R, in)
     b_cat: Tensor  # (out, N·R)
@@ -43,9 +42,9 @@ class DecodePlan:
     tokens: ops.multi.AdapterTokens
 
     def fits(self, other: DecodePlan) -> bool:
-        """Whether this layer can share `other`'s grouped launch: same context, call shape and tables' N and R."""
+        """Whether this layer can share `other`'s grouped launches: same context, call shape and tables' N and R."""
         return (self.route is other.route and self.key == other.key and self.tokens is other.tokens
-                and self.a_stack.shape[:2] == other.a_stack.shape[:2])
+                and self.b_stack.shape[::2] == other.b_stack.shape[::2])
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -301,8 +300,8 @@ class LoraLinear(LoraLayer):
                 return ops.multi.dense_expand_add_(y, x2, a_cat, b_cat, mask).reshape(*x.shape[:-1], n_out)
             tokens = route.cached(("tokens", tuple(names), rows, seq, x.device), lambda: ops.multi.adapter_tokens(
                 route.row_indices(tuple(names), rows), seq, n, x.device))
-            self._plan = DecodePlan(route, (x.shape, x.dtype, self.training), weight, base.bias, a_stack, b_stack,
-                                    a_cat, b_cat, mask, row_adapter, tokens)
+            self._plan = DecodePlan(route, (x.shape, x.dtype, self.training), weight, base.bias, b_stack, a_cat, b_cat,
+                                    mask, row_adapter, tokens)
             route.note_input(self, x)
             y = self._decode_step(x, self._plan, group=False)
         elif plain:
@@ -317,14 +316,14 @@ class LoraLinear(LoraLayer):
         """y2 (T, out) of a few-token mixed batch: the base GEMM, then the LoRA branch added in place.
 
         With `group`, a layer that leads a run of layers fed this same x (`Route.note_input`)
-        computes all of theirs in one grouped launch and leaves their outputs for them to take.
+        computes all of theirs in one grouped shrink and expand and leaves their outputs for them to take.
         """
         route, x2 = plan.route, x.reshape(-1, x.shape[-1])
         held = route.take(self, x)
         if held is not None:
             return held
         multi = ops.multi
-        if not multi.grouped_route(x2, plan.a_stack):
+        if not multi.grouped_route(plan.b_stack):
             y2 = F.linear(x2, plan.weight, plan.bias)
             if multi.gather_route(x2, plan.b_stack):
                 return multi.gather_expand_add_(y2, x2, plan.a_cat, plan.b_stack, plan.row_adapter, plan.tokens.seq)
@@ -336,8 +335,10 @@ class LoraLinear(LoraLayer):
             if members[0] is not self:
                 members = [self]
         plans = [m._plan for m in members]
+        a_group = route.cached(("group table", *(id(p.a_cat) for p in plans)),
+                               lambda: multi.group_table([p.a_cat for p in plans]))
         ys = [F.linear(x2, p.weight, p.bias) for p in plans]
-        multi.grouped_decode_add_(ys, x2, [p.a_stack for p in plans], [p.b_stack for p in plans], plan.tokens)
+        multi.grouped_decode_add_(ys, x2, a_group, [p.b_stack for p in plans], plan.tokens)
         for m, y in zip(members[1:], ys[1:]):
             route.leave(m, x, y)
         return ys[0]

@@ -411,19 +411,21 @@ def gather_expand_add_(y2: Tensor, x2: Tensor, a_cat: Tensor, b_stack: Tensor, r
 
 
 
-# -- few tokens, one launch per group of layers fed the same input ---------------------------
+# -- few tokens: layers fed the same input share their launches -------------------------------
 #
-# Decode's LoRA work is a few hundred kilobytes per layer, so its cost is the number of
-# kernels, not their arithmetic. `grouped_decode_add_` does the whole branch of up to
-# GROUP_MAX_MEMBERS layers that read the same x (q/k/v, gate/up) in one launch: a program
-# takes one adapter's tokens (at most BT of them), computes their h = x·Aᵀ on the tensor
-# cores and adds h·Bᵀ into a slice of "cols" output columns of one member's y. The shrink is
-# repeated once per slice (a few hundred kilobytes of L2 reads at decode sizes); members whose
-# `in` exceeds "max_in" (a long serial shrink loop) keep the two-kernel gathered route.
-DECODE_GROUPED = True  # the grouped kernel for few-token steps, where the kernels can run
-DECODE_SIBLINGS = True  # layers fed the same tensor share one launch (False: one launch per layer)
-DECODE_GROUP_CONFIG = {"cols": 512, "BK": 128, "BN": 128, "num_warps": 4, "num_stages": 3, "max_in": 8192}
-GROUP_MAX_MEMBERS = 3
+# A decode step's LoRA work is a few hundred kilobytes per layer: its cost is the number of
+# kernels and their serial latency, not arithmetic. `grouped_decode_add_` runs the branch of
+# every layer that reads one x (q/k/v, gate/up; or one layer alone) in two launches: x·Aᵀ for
+# all members and adapters at once (one cuBLAS GEMM against the members' A tables stacked,
+# `group_table`), then one Triton kernel in which a program takes one adapter's tokens (up to
+# GROUP_BLOCK_T of them) and one BN-wide block of one member's output columns and adds h·Bᵀ
+# into y in place, so each block of B is read once per adapter rather than once per row.
+# (A one-launch variant whose programs also did the shrink was slower: its serial loop over
+# `in` cost 13-17 µs a launch on an H200; benchmarks/RESULTS.md, seventh set.)
+DECODE_GROUPED = True  # the grouped kernels for few-token steps, where the kernels can run
+DECODE_SIBLINGS = True  # layers fed the same tensor share the two launches (False: two per layer)
+GROUP_CONFIG = {"BN": 128, "num_warps": 4}
+GROUP_MAX_MEMBERS = 3  # members per expand launch; a larger group takes more launches
 GROUP_BLOCK_T = 16  # tokens of one adapter per program (tl.dot's smallest tile)
 
 
@@ -456,106 +458,77 @@ def adapter_tokens(rows: Sequence[int], seq: int, n: int, device: torch.device |
     return AdapterTokens(as_tensor(order), as_tensor(starts), most, as_tensor(list(rows)), seq)
 
 
-def grouped_route(x2: Tensor, a_stack: Tensor) -> bool:
-    """Whether a few-token step takes `grouped_decode_add_` for an input like x2 and this layer's tables."""
-    return (DECODE_GROUPED and kernels_usable(a_stack, a_stack.shape[1])
-            and x2.shape[1] <= DECODE_GROUP_CONFIG["max_in"])
+def grouped_route(b_stack: Tensor) -> bool:
+    """Whether a few-token step takes `grouped_decode_add_` for a layer with this B table."""
+    return DECODE_GROUPED and kernels_usable(b_stack, b_stack.shape[2])
 
 
-def _check_member(i: int, y2: Tensor, x2: Tensor, a_stack: Tensor, b_stack: Tensor, first: Tensor) -> None:
-    n, R = first.shape[:2]
-    _check_table(f"a_stack {i}", a_stack, (R, x2.shape[1]), x2.dtype, x2.device)
-    if a_stack.shape[0] != n:
-        raise ValueError(f"a_stack {i}: expected {n} adapters like the first member's; found {a_stack.shape[0]}")
-    _check_table(f"b_stack {i}", b_stack, (None, R), x2.dtype, x2.device)
-    if b_stack.shape[0] != n or y2.shape != (x2.shape[0], b_stack.shape[1]) or y2.device != x2.device:
-        raise ValueError(f"member {i}: expected b_stack ({n}, out, {R}) and y2 ({x2.shape[0]}, out) on "
-                         f"{x2.device}; found b_stack {tuple(b_stack.shape)} and y2 {tuple(y2.shape)} on {y2.device}")
-    if not (a_stack.is_contiguous() and b_stack.is_contiguous() and y2.stride(1) == 1 and x2.stride(1) == 1):
-        raise ValueError(f"member {i}: expected contiguous tables and rows of x2 and y2 with unit stride")
+def group_table(a_cats: Sequence[Tensor]) -> Tensor:
+    """The members' (N·R, in) A tables stacked: (M·N·R, in), one GEMM's weight for all of them."""
+    return a_cats[0] if len(a_cats) == 1 else torch.cat(list(a_cats))
 
 
-def grouped_decode_add_(ys: Sequence[Tensor], x2: Tensor, a_stacks: Sequence[Tensor], b_stacks: Sequence[Tensor],
+def grouped_decode_add_(ys: Sequence[Tensor], x2: Tensor, a_group: Tensor, b_stacks: Sequence[Tensor],
                         tokens: AdapterTokens) -> list[Tensor]:
     """In place, for every member m: ys[m][t] += (x2[t]·A_m[a]ᵀ)·B_m[a]ᵀ, a the adapter of token t
-    (nothing for tokens without one). x2 (T, in); a_stacks[m] (N, R, in) and b_stacks[m] (N, out_m, R,
-    already scaled) from `stack_adapters`, with one N and R for all members; ys[m] (T, out_m); all in
-    x2's dtype. One launch per GROUP_MAX_MEMBERS members. Returns ys."""
-    if not ys or len(ys) != len(a_stacks) or len(ys) != len(b_stacks):
-        raise ValueError(f"expected equal, non-zero numbers of outputs, A tables and B tables; found "
-                         f"{len(ys)}, {len(a_stacks)} and {len(b_stacks)}")
+    (nothing for tokens without one). x2 (T, in); a_group (M·N·R, in) from `group_table`;
+    b_stacks[m] (N, out_m, R, already scaled) from `stack_adapters`; ys[m] (T, out_m) with unit
+    column stride; all in x2's dtype. Two launches for up to GROUP_MAX_MEMBERS members. Returns ys."""
+    if not ys or len(ys) != len(b_stacks):
+        raise ValueError(f"expected equal, non-zero numbers of outputs and B tables; found {len(ys)} and {len(b_stacks)}")
     _check_tokens("x2", x2, tokens.row_adapter, tokens.seq)
-    for i, (y2, a, b) in enumerate(zip(ys, a_stacks, b_stacks)):
-        _check_member(i, y2, x2, a, b, a_stacks[0])
-    R = a_stacks[0].shape[1]
-    if not kernels_usable(x2, R):
-        for y2, a, b in zip(ys, a_stacks, b_stacks):
-            lora_expand_add_torch(y2, lora_shrink_torch(x2, a, tokens.row_adapter, tokens.seq), b,
-                                  tokens.row_adapter, tokens.seq)
+    n, _, R = b_stacks[0].shape
+    _check_table("a_group", a_group[None], (len(ys) * n * R, x2.shape[1]), x2.dtype, x2.device)
+    for i, (y2, b) in enumerate(zip(ys, b_stacks)):
+        _check_table(f"b_stack {i}", b, (None, R), x2.dtype, x2.device)
+        if b.shape[0] != n or not b.is_contiguous() or y2.shape != (x2.shape[0], b.shape[1]) or y2.stride(1) != 1:
+            raise ValueError(f"member {i}: expected a contiguous b_stack ({n}, out, {R}) and y2 ({x2.shape[0]}, out) "
+                             f"with unit column stride; found b_stack {tuple(b.shape)} and y2 {tuple(y2.shape)}")
+    h_all = x2 @ a_group.T  # (T, M·N·R)
+    if not kernels_usable(b_stacks[0], R):
+        mask = dense_row_mask(tokens.row_adapter, tokens.seq, n, R, x2.dtype)
+        for m, (y2, b) in enumerate(zip(ys, b_stacks)):
+            h = h_all[:, m * n * R:(m + 1) * n * R] * mask
+            y2.addmm_(h, b.permute(1, 0, 2).reshape(b.shape[1], n * R).T)
         return list(ys)
     if not x2.shape[0] or not tokens.max_tokens:
         return list(ys)
-    cfg = DECODE_GROUP_CONFIG
-    bn = cfg["BN"]
-    cols = triton.cdiv(cfg["cols"], bn) * bn  # whole BN steps
+    bn = GROUP_CONFIG["BN"]
     for g in range(0, len(ys), GROUP_MAX_MEMBERS):
         part = list(range(g, min(g + GROUP_MAX_MEMBERS, len(ys))))
-        chunks = [triton.cdiv(b_stacks[m].shape[1], cols) for m in part]
-        padded = part + [part[0]] * (GROUP_MAX_MEMBERS - len(part))  # unused slots repeat the first member
+        blocks = [triton.cdiv(b_stacks[m].shape[1], bn) for m in part]
         args = []
-        for m in padded:
-            args += [a_stacks[m], b_stacks[m], ys[m], b_stacks[m].shape[1]]
-        grid = (a_stacks[0].shape[0], triton.cdiv(tokens.max_tokens, GROUP_BLOCK_T), sum(chunks))
-        _grouped_decode_kernel[grid](
-            x2, tokens.order, tokens.starts, x2.shape[1], x2.stride(0), *args, cols,
-            chunks[0], chunks[1] if len(part) > 1 else 0, MEMBERS=len(part), R=R, BT=GROUP_BLOCK_T, BK=cfg["BK"],
-            BN=bn, IEEE=x2.dtype == torch.float32, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        for m in part + [part[0]] * (GROUP_MAX_MEMBERS - len(part)):  # unused slots repeat the first member
+            args += [b_stacks[m], ys[m], ys[m].stride(0), b_stacks[m].shape[1]]
+        grid = (n, triton.cdiv(tokens.max_tokens, GROUP_BLOCK_T), sum(blocks))
+        _grouped_expand_kernel[grid](
+            h_all, h_all.stride(0), g * n * R, n * R, tokens.order, tokens.starts, *args, blocks[0],
+            blocks[1] if len(part) > 1 else 0, MEMBERS=len(part), R=R, BT=GROUP_BLOCK_T, BN=bn,
+            IEEE=x2.dtype == torch.float32, num_warps=GROUP_CONFIG["num_warps"])
     return list(ys)
 
 
 if triton is not None:
 
     @triton.jit
-    def _group_member(X, A, B, Y, adapter, tok, t_ok, chunk, n_in, n_out, cols, s_x0,
-                      R: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
-        # Y[tok, c] += (X[tok]·A[adapter]ᵀ)·B[adapter][c]ᵀ for the columns c of slice `chunk`;
-        # A (N, R, n_in), B (N, n_out, R) and Y (T, n_out) contiguous; h rounded to B's dtype.
-        rr = tl.arange(0, R)
-        a_base = A + adapter.to(tl.int64) * R * n_in
-        acc = tl.zeros((BT, R), dtype=tl.float32)
-        for k0 in range(0, n_in, BK):
-            rk = k0 + tl.arange(0, BK)
-            k_ok = rk < n_in
-            x = tl.load(X + tok[:, None] * s_x0 + rk[None, :], mask=t_ok[:, None] & k_ok[None, :],
-                        other=0.0)  # (BT, BK)
-            a = tl.load(a_base + rr[None, :] * n_in + rk[:, None], mask=k_ok[:, None], other=0.0)  # (BK, R) = Aᵀ
-            if IEEE:
-                acc += tl.dot(x, a, input_precision="ieee")
-            else:
-                acc += tl.dot(x, a)
-        h = acc.to(B.dtype.element_ty)
-        b_base = B + adapter.to(tl.int64) * n_out * R
-        n_start = chunk * cols
-        for n0 in range(n_start, n_start + cols, BN):
-            rn = n0 + tl.arange(0, BN)
-            n_ok = rn < n_out
-            b = tl.load(b_base + rn[None, :] * R + rr[:, None], mask=n_ok[None, :], other=0.0)  # (R, BN) = Bᵀ
-            if IEEE:
-                e = tl.dot(h, b, input_precision="ieee")
-            else:
-                e = tl.dot(h, b)
-            ok = t_ok[:, None] & n_ok[None, :]
-            ptr = Y + tok[:, None] * n_out + rn[None, :]
-            y = tl.load(ptr, mask=ok, other=0.0).to(tl.float32) + e
-            tl.store(ptr, y.to(Y.dtype.element_ty), mask=ok)
+    def _group_member(H, s_h0, h_col, B, Y, s_y0, n_out, adapter, tok, t_ok, block, R: tl.constexpr,
+                      BN: tl.constexpr, IEEE: tl.constexpr):
+        # Y[tok, block's BN columns] += H[tok, h_col:h_col + R]·B[adapter][columns]ᵀ; B (N, n_out, R) contiguous.
+        rn = block * BN + tl.arange(0, BN)
+        acc = _expand_tile(H, B, adapter, tok, t_ok, rn, n_out, s_h0, h_col, n_out * R, R, 1, R, IEEE)
+        ok = t_ok[:, None] & (rn[None, :] < n_out)
+        ptr = Y + tok[:, None] * s_y0 + rn[None, :]
+        acc += tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
+        tl.store(ptr, acc.to(Y.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _grouped_decode_kernel(X, ORDER, STARTS, n_in, s_x0, A0, B0, Y0, n_out0, A1, B1, Y1, n_out1,
-                               A2, B2, Y2, n_out2, cols, chunks0, chunks1, MEMBERS: tl.constexpr,
-                               R: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+    def _grouped_expand_kernel(H, s_h0, h_start, h_member, ORDER, STARTS, B0, Y0, s_y0_0, n_out0,
+                               B1, Y1, s_y0_1, n_out1, B2, Y2, s_y0_2, n_out2, blocks0, blocks1,
+                               MEMBERS: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
                                IEEE: tl.constexpr):
-        # Program (adapter, token block, column slice): slices 0 .. chunks0 - 1 belong to member 0,
-        # the next chunks1 to member 1, the rest to member 2.
+        # Program (adapter, token block, column block): column blocks 0 .. blocks0 - 1 belong to
+        # member 0, the next blocks1 to member 1, the rest to member 2. Member m's h columns for
+        # the adapter start at h_start + m·h_member + adapter·R.
         adapter = tl.program_id(0)
         start = tl.load(STARTS + adapter)
         end = tl.load(STARTS + adapter + 1)
@@ -565,14 +538,15 @@ if triton is not None:
             t_ok = offs < end
             tok = tl.load(ORDER + offs, mask=t_ok, other=0).to(tl.int64)
             c = tl.program_id(2)
-            if c < chunks0:
-                _group_member(X, A0, B0, Y0, adapter, tok, t_ok, c, n_in, n_out0, cols, s_x0, R, BT, BK, BN, IEEE)
+            h_col = h_start + adapter.to(tl.int64) * R
+            if c < blocks0:
+                _group_member(H, s_h0, h_col, B0, Y0, s_y0_0, n_out0, adapter, tok, t_ok, c, R, BN, IEEE)
             else:
                 if MEMBERS >= 2:
-                    if c < chunks0 + chunks1:
-                        _group_member(X, A1, B1, Y1, adapter, tok, t_ok, c - chunks0, n_in, n_out1, cols, s_x0,
-                                      R, BT, BK, BN, IEEE)
+                    if c < blocks0 + blocks1:
+                        _group_member(H, s_h0, h_col + h_member, B1, Y1, s_y0_1, n_out1, adapter, tok, t_ok,
+                                      c - blocks0, R, BN, IEEE)
                     else:
                         if MEMBERS >= 3:
-                            _group_member(X, A2, B2, Y2, adapter, tok, t_ok, c - chunks0 - chunks1, n_in, n_out2,
-                                          cols, s_x0, R, BT, BK, BN, IEEE)
+                            _group_member(H, s_h0, h_col + 2 * h_member, B2, Y2, s_y0_2, n_out2, adapter, tok,
+                                          t_ok, c - blocks0 - blocks1, R, BN, IEEE)
