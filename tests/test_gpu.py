@@ -160,29 +160,60 @@ def test_bf16_compiled_matches_eager(p, custom_ops, monkeypatch):
         assert compiled_err < 1.5 * eager_err + 2e-3, (compiled_err, eager_err)
 
 
-@pytest.mark.parametrize("seq,decode", [(1, "dense"), (1, "gathered"), (1, "grouped"), (1, "grouped-per-layer"),
-                                        (300, "dense")])
-def test_bf16_mixed_batch_matches_each_row_alone(seq, decode, monkeypatch):
-    """seq 1: the few-token routes (three library calls, the gathered expand, the grouped one-launch
-    kernel with siblings sharing a launch or one launch per layer), on the second call of the
-    shape, which is the one that groups siblings; seq 300: the prefill kernels."""
-    from lorakit.ops import multi
-
-    monkeypatch.setattr(multi, "DECODE_GATHER", decode == "gathered")
-    monkeypatch.setattr(multi, "DECODE_GROUPED", decode.startswith("grouped"))
-    monkeypatch.setattr(multi, "DECODE_SIBLINGS", decode == "grouped")
+def mixed_llama():
+    """A small bf16 Llama on the GPU with adapters a0..a3 of ranks 16, 8, 4 and 32 on all seven
+    projections, and the rows of a mixed batch naming them (one without)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)
     model = LlamaForCausalLM(cfg).cuda().bfloat16().eval()
-    names = [f"a{i}" for i in range(4)]
-    for name, r in zip(names, (16, 8, 4, 32)):
+    for i, r in enumerate((16, 8, 4, 32)):
         lorakit.inject(model, lorakit.LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights=False,
                                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                 "gate_proj", "up_proj", "down_proj"]), name)
-    rows = ["a0", None, "a3", "a1", "a2", "a0"]
+                                                                 "gate_proj", "up_proj", "down_proj"]), f"a{i}")
+    return model, ["a0", None, "a3", "a1", "a2", "a0"]
+
+
+@pytest.mark.parametrize("pdl", [False, True])
+def test_mixed_decode_replayed_from_a_cuda_graph_matches_eager(pdl, monkeypatch):
+    """A few-token mixed forward captured in a CUDA graph (where the grouped route takes its Triton
+    expand, launched as a programmatic dependent with `pdl`) gives the eager (dense) logits."""
+    from lorakit.ops import multi
+
+    monkeypatch.setattr(multi, "GROUP_CONFIG", {**multi.GROUP_CONFIG, "pdl": pdl})
+    model, rows = mixed_llama()
+    ids = torch.randint(0, 512, (len(rows), 1), device="cuda")
+    with torch.no_grad(), lorakit.route(model, rows):
+        model(input_ids=ids)
+        eager = model(input_ids=ids).logits.float()  # the second call groups the siblings
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            model(input_ids=ids)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(input_ids=ids).logits
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+    assert rel(out.float(), eager) < 1e-2
+
+
+@pytest.mark.parametrize("seq,decode", [(1, "dense"), (1, "dense-per-layer"), (1, "grouped"), (1, "grouped-pdl"),
+                                        (1, "grouped-per-layer"), (300, "dense")])
+def test_bf16_mixed_batch_matches_each_row_alone(seq, decode, monkeypatch):
+    """seq 1: the few-token route with its dense expand and its Triton expand kernel (also
+    launched as a programmatic dependent), layers fed one input sharing their launches or each
+    alone, on the second call of the shape, the one that groups them; seq 300: the prefill kernels."""
+    from lorakit.ops import multi
+
+    monkeypatch.setattr(multi, "DECODE_GROUPED", decode.startswith("grouped"))
+    monkeypatch.setattr(multi, "DECODE_SIBLINGS", not decode.endswith("per-layer"))
+    monkeypatch.setattr(multi, "GROUP_CONFIG", {**multi.GROUP_CONFIG, "pdl": decode == "grouped-pdl"})
+    model, rows = mixed_llama()
     ids = torch.randint(0, 512, (len(rows), seq), device="cuda")
     with torch.no_grad():
         with lorakit.route(model, rows):

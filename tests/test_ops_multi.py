@@ -223,21 +223,6 @@ def check_decode(out, want, y0, seq, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("seq", [1, 3])
-def test_gather_expand_add_equals_the_dense_route(dtype, seq):
-    """Decode's gathered expand (each token's own R columns of x·a_catᵀ) against the three-call
-    dense route, on the kernels (interpreted on a CPU) and on their torch fallback."""
-    a_stack, b_stack, a_cat, row_adapter, x2, y0, want = decode_case(dtype, seq, 40, 24, 11)
-    for on_kernels in (True, False):
-        fused.use_kernels_on_cpu(on_kernels)
-        try:
-            got = multi.gather_expand_add_(y0.clone(), x2, a_cat, b_stack, row_adapter, seq)
-        finally:
-            fused.use_kernels_on_cpu(False)
-        check_decode(got, want, y0, seq, dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("seq", [1, 3])
 @pytest.mark.parametrize("outs,bn,ranks", [
     ((24,), 128, (2, 7, 4)),  # one member, one column block
     ((600, 40, 200), 128, (2, 7, 4)),  # three members, several column blocks, the last ragged
@@ -245,9 +230,10 @@ def test_gather_expand_add_equals_the_dense_route(dtype, seq):
     ((40, 24, 56, 16), 64, (3, 1, 5)),  # four members: two expand launches
 ])
 def test_grouped_decode_add_equals_the_dense_route(dtype, seq, outs, bn, ranks, monkeypatch):
-    """The grouped decode route (one shrink GEMM for several layers fed one x, then one expand
-    launch whose programs each take one adapter's tokens) against the three-call dense route of
-    each member, on the kernel (interpreted on a CPU) and on its torch fallback."""
+    """The grouped decode route (one shrink GEMM for several layers fed one x, then the expand:
+    one Triton launch whose programs each take one adapter's tokens, or dense) against the
+    three-call dense route of each member: the kernel interpreted on a CPU, the dense expand with
+    its tables handed in and built, and the kernel asked for where it cannot run (dense again)."""
     monkeypatch.setattr(multi, "GROUP_CONFIG", dict(BN=bn, num_warps=4))
     cases = [decode_case(dtype, seq, 300, n_out, 12 + i, ranks) for i, n_out in enumerate(outs)]
     x2, row_adapter = cases[0][4], cases[0][3]
@@ -259,11 +245,15 @@ def test_grouped_decode_add_equals_the_dense_route(dtype, seq, outs, bn, ranks, 
         b_cat = multi.dense_tables(a_stack, b_stack)[1]
         wants.append(multi.dense_expand_add_(y0.clone().float(), x2.float(), a_cat.float(), b_cat.float(),
                                              mask.float()))
-    for on_kernels in (True, False):
+    b_cats = [multi.dense_tables(c[0], c[1])[1] for c in cases]
+    mask = multi.dense_row_mask(row_adapter, seq, 3, cases[0][0].shape[1], dtype)
+    for on_kernels, kernel, tables in ((True, True, None), (True, False, (mask, b_cats)), (True, False, None),
+                                       (False, True, None)):
         fused.use_kernels_on_cpu(on_kernels)
         try:
             ys = [c[5].clone() for c in cases]
-            got = multi.grouped_decode_add_(ys, x2, a_group, [c[1] for c in cases], tokens)
+            got = multi.grouped_decode_add_(ys, x2, a_group, [c[1] for c in cases], tokens, *(tables or ()),
+                                            kernel=kernel)
         finally:
             fused.use_kernels_on_cpu(False)
         for out, y, want, c in zip(got, ys, wants, cases):

@@ -13,19 +13,17 @@ def rel(a, b):
     return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
 
 
-@pytest.fixture(params=["dense", "gather", "grouped", "grouped-per-layer", "torch", "kernels"])
+@pytest.fixture(params=["dense", "dense-per-layer", "grouped", "grouped-per-layer", "torch", "kernels"])
 def kernels(request, monkeypatch):
-    """Each mixed-batch route: the dense few-token path (the tests' inputs are small), the same with
-    the gathered expand kernel that CUDA-graph capture takes, with the grouped one-launch decode
-    kernel (siblings fed one input sharing a launch, or one launch per layer), and with the
-    few-token path turned off the shrink/expand ops through their torch path and through the
-    Triton kernels (interpreted on a CPU)."""
+    """Each mixed-batch route: the few-token route (the tests' inputs are small) with its dense
+    expand and with its Triton expand kernel (interpreted on a CPU), each with layers fed one input
+    sharing their launches and with each layer alone; and with the few-token route turned off,
+    the prefill shrink/expand ops through their torch path and through the Triton kernels."""
     if request.param in ("torch", "kernels"):
         monkeypatch.setattr(ops.multi, "DENSE_MAX_TOKENS", 0)
-    monkeypatch.setattr(ops.multi, "DECODE_GATHER", True if request.param == "gather" else None)
     monkeypatch.setattr(ops.multi, "DECODE_GROUPED", request.param.startswith("grouped"))
-    monkeypatch.setattr(ops.multi, "DECODE_SIBLINGS", request.param == "grouped")
-    fused.use_kernels_on_cpu(request.param in ("kernels", "gather", "grouped", "grouped-per-layer"))
+    monkeypatch.setattr(ops.multi, "DECODE_SIBLINGS", not request.param.endswith("per-layer"))
+    fused.use_kernels_on_cpu(request.param in ("kernels", "grouped", "grouped-per-layer"))
     yield request.param
     fused.use_kernels_on_cpu(False)
 
@@ -124,6 +122,7 @@ def test_decode_steps_share_one_launch_among_layers_fed_one_input(monkeypatch):
     kernel = ops.multi._grouped_expand_kernel
     real = kernel.run
     monkeypatch.setattr(kernel, "run", lambda *a, **kw: launches.append(kw["MEMBERS"]) or real(*a, **kw))
+    monkeypatch.setattr(ops.multi, "DECODE_GROUPED", True)
     fused.use_kernels_on_cpu(True)
     try:
         ids = input_ids(batch=len(ROWS), seq=1)

@@ -323,11 +323,6 @@ class LoraLinear(LoraLayer):
         if held is not None:
             return held
         multi = ops.multi
-        if not multi.grouped_route(plan.b_stack):
-            y2 = F.linear(x2, plan.weight, plan.bias)
-            if multi.gather_route(x2, plan.b_stack):
-                return multi.gather_expand_add_(y2, x2, plan.a_cat, plan.b_stack, plan.row_adapter, plan.tokens.seq)
-            return multi.dense_expand_add_(y2, x2, plan.a_cat, plan.b_cat, plan.mask)
         members = [self]
         if group and multi.DECODE_SIBLINGS:
             members = [m for m in route.siblings.get(self, (self,))
@@ -338,7 +333,8 @@ class LoraLinear(LoraLayer):
         a_group = route.cached(("group table", *(id(p.a_cat) for p in plans)),
                                lambda: multi.group_table([p.a_cat for p in plans]))
         ys = [F.linear(x2, p.weight, p.bias) for p in plans]
-        multi.grouped_decode_add_(ys, x2, a_group, [p.b_stack for p in plans], plan.tokens)
+        multi.grouped_decode_add_(ys, x2, a_group, [p.b_stack for p in plans], plan.tokens, plan.mask,
+                                  [p.b_cat for p in plans])
         for m, y in zip(members[1:], ys[1:]):
             route.leave(m, x, y)
         return ys[0]

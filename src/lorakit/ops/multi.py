@@ -28,6 +28,7 @@ from lorakit.ops.triton_kernels import triton
 
 if triton is not None:
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_wait
 
 SHRINK_BLOCK_K = 128  # `in` columns per shrink step (BLOCK_K)
 EXPAND_BLOCK_N = 128  # output columns per expand program (BLOCK_N)
@@ -216,11 +217,9 @@ if triton is not None:
                  mask=t_ok[:, None] & (rn[None, :] < n_out))
 
     @triton.jit
-    def _expand_add_kernel(H, B, ROWS, Y, seq, n_out, s_h0, s_b0, s_b1, s_b2, s_y0, s_y1,
-                           R: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, GATHER: tl.constexpr,
-                           IEEE: tl.constexpr):
+    def _expand_add_kernel(H, B, ROWS, Y, seq, n_out, s_b0, s_b1, s_b2, s_y0, s_y1,
+                           R: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
         # Y[t, n] += H[t, :]·B[a][n, :] on one (row, token block, column block); nothing where a = -1.
-        # With GATHER, H holds every adapter's R columns side by side and a's are taken.
         row = tl.program_id(0)
         rt = tl.program_id(1) * BT + tl.arange(0, BT)
         rn = tl.program_id(2) * BN + tl.arange(0, BN)
@@ -230,11 +229,7 @@ if triton is not None:
         if adapter >= 0:
             ok = t_ok[:, None] & (rn[None, :] < n_out)
             ptr = Y + tok[:, None] * s_y0 + rn[None, :] * s_y1
-            if GATHER:
-                h_col = adapter.to(tl.int64) * R
-            else:
-                h_col = 0
-            acc = _expand_tile(H, B, adapter, tok, t_ok, rn, n_out, s_h0, h_col, s_b0, s_b1, s_b2, R, IEEE)
+            acc = _expand_tile(H, B, adapter, tok, t_ok, rn, n_out, R, 0, s_b0, s_b1, s_b2, R, IEEE)
             acc += tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
             tl.store(ptr, acc.to(Y.dtype.element_ty), mask=ok)
 
@@ -317,8 +312,8 @@ def lora_expand_add_(y2: Tensor, h: Tensor, b_stack: Tensor, row_adapter: Tensor
     if y2.numel():
         grid, bt, bn = _expand_grid(row_adapter.shape[0], seq, n_out, R)
         _expand_add_kernel[grid](
-            h, b_stack, row_adapter, y2, seq, n_out, R, b_stack.stride(0), b_stack.stride(1), b_stack.stride(2),
-            y2.stride(0), y2.stride(1), R=R, BT=bt, BN=bn, GATHER=False, IEEE=b_stack.dtype == torch.float32,
+            h, b_stack, row_adapter, y2, seq, n_out, b_stack.stride(0), b_stack.stride(1), b_stack.stride(2),
+            y2.stride(0), y2.stride(1), R=R, BT=bt, BN=bn, IEEE=b_stack.dtype == torch.float32,
             num_warps=NUM_WARPS)
     return y2
 
@@ -374,57 +369,27 @@ def dense_expand_add_(y2: Tensor, x2: Tensor, a_cat: Tensor, b_cat: Tensor, mask
     return y2.addmm_((x2 @ a_cat.T).mul_(mask), b_cat.T)
 
 
-# Replayed from a CUDA graph, a decode step costs what its kernels cost on the GPU, and there
-# two kernels beat three: x·a_catᵀ over all adapters (cuBLAS), then one Triton kernel that
-# takes each token's own adapter's R columns of it and adds their expand into y in place.
-# Eagerly the three library calls above cost the host less than a Triton launch, so the
-# gathered route is taken while a CUDA graph is being captured (None), always (True) or never.
-DECODE_GATHER: bool | None = None
-
-
-def gather_route(x: Tensor, b_stack: Tensor) -> bool:
-    """Whether decode takes `gather_expand_add_` (see DECODE_GATHER) for inputs like x."""
-    if DECODE_GATHER is False or not kernels_usable(b_stack, b_stack.shape[2]):
-        return False
-    return DECODE_GATHER or (x.is_cuda and torch.cuda.is_current_stream_capturing())
-
-
-def gather_expand_add_(y2: Tensor, x2: Tensor, a_cat: Tensor, b_stack: Tensor, row_adapter: Tensor,
-                       seq: int) -> Tensor:
-    """In place: y2[t] += (x2[t]·A[a]ᵀ)·B[a]ᵀ with a = row_adapter[t // seq] (nothing where -1);
-    x2·a_catᵀ is computed for all adapters at once and each token's own R columns are expanded.
-    a_cat (N·R, in) from `dense_tables`, b_stack (N, out, R), both in x2's dtype; returns y2."""
-    n_out, R = b_stack.shape[1], b_stack.shape[2]
-    h_all = x2 @ a_cat.T  # (T, N·R)
-    if not kernels_usable(b_stack, R):
-        n = b_stack.shape[0]
-        mask = dense_row_mask(row_adapter, seq, n, R, x2.dtype)
-        return y2.addmm_(h_all.mul_(mask), b_stack.permute(1, 0, 2).reshape(n_out, n * R).T)
-    if y2.numel():
-        grid, bt, bn = _expand_grid(row_adapter.shape[0], seq, n_out, R)
-        _expand_add_kernel[grid](
-            h_all, b_stack, row_adapter, y2, seq, n_out, h_all.stride(0), b_stack.stride(0), b_stack.stride(1),
-            b_stack.stride(2), y2.stride(0), y2.stride(1), R=R, BT=bt, BN=bn, GATHER=True,
-            IEEE=b_stack.dtype == torch.float32, num_warps=NUM_WARPS)
-    return y2
-
-
-
-
 # -- few tokens: layers fed the same input share their launches -------------------------------
 #
 # A decode step's LoRA work is a few hundred kilobytes per layer: its cost is the number of
 # kernels and their serial latency, not arithmetic. `grouped_decode_add_` runs the branch of
-# every layer that reads one x (q/k/v, gate/up; or one layer alone) in two launches: x·Aᵀ for
-# all members and adapters at once (one cuBLAS GEMM against the members' A tables stacked,
-# `group_table`), then one Triton kernel in which a program takes one adapter's tokens (up to
-# GROUP_BLOCK_T of them) and one BN-wide block of one member's output columns and adds h·Bᵀ
-# into y in place, so each block of B is read once per adapter rather than once per row.
-# (A one-launch variant whose programs also did the shrink was slower: its serial loop over
-# `in` cost 13-17 µs a launch on an H200; benchmarks/RESULTS.md, seventh set.)
-DECODE_GROUPED = True  # the grouped kernels for few-token steps, where the kernels can run
-DECODE_SIBLINGS = True  # layers fed the same tensor share the two launches (False: two per layer)
-GROUP_CONFIG = {"BN": 128, "num_warps": 4}
+# every layer that reads one x (q/k/v, gate/up; or one layer alone) at once: x·Aᵀ for all
+# members and adapters in one cuBLAS GEMM against the members' A tables stacked
+# (`group_table`), then the expand into each member's y in place, either
+#
+# - by one Triton kernel for all members, whose programs each take one adapter's tokens (up
+#   to GROUP_BLOCK_T of them) and one BN-wide block of one member's columns, so each block of
+#   B is read once per adapter: two launches a group, the fastest replayed from a CUDA graph;
+# - or dense: the columns of the adapters a token does not use zeroed (one multiply for all
+#   members), then one addmm with all adapters' B per member: 2 + M library calls, which cost
+#   the host less than a Triton launch when the step runs eagerly.
+#
+# DECODE_GROUPED picks the kernel while a CUDA graph is being captured (None), always (True)
+# or never (False). A one-launch variant whose programs also did the shrink was slower: its
+# serial loop over `in` cost 13-17 µs a launch on an H200 (benchmarks/RESULTS.md, seventh set).
+DECODE_GROUPED: bool | None = None
+DECODE_SIBLINGS = True  # layers fed the same tensor share their launches (False: each layer alone)
+GROUP_CONFIG = {"BN": 128, "num_warps": 4, "pdl": False}
 GROUP_MAX_MEMBERS = 3  # members per expand launch; a larger group takes more launches
 GROUP_BLOCK_T = 16  # tokens of one adapter per program (tl.dot's smallest tile)
 
@@ -458,9 +423,11 @@ def adapter_tokens(rows: Sequence[int], seq: int, n: int, device: torch.device |
     return AdapterTokens(as_tensor(order), as_tensor(starts), most, as_tensor(list(rows)), seq)
 
 
-def grouped_route(b_stack: Tensor) -> bool:
-    """Whether a few-token step takes `grouped_decode_add_` for a layer with this B table."""
-    return DECODE_GROUPED and kernels_usable(b_stack, b_stack.shape[2])
+def grouped_kernel(x2: Tensor, b_stack: Tensor) -> bool:
+    """Whether `grouped_decode_add_` expands with its Triton kernel (see DECODE_GROUPED) for inputs like x2."""
+    if DECODE_GROUPED is False or not kernels_usable(b_stack, b_stack.shape[2]):
+        return False
+    return DECODE_GROUPED or (x2.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def group_table(a_cats: Sequence[Tensor]) -> Tensor:
@@ -469,11 +436,14 @@ def group_table(a_cats: Sequence[Tensor]) -> Tensor:
 
 
 def grouped_decode_add_(ys: Sequence[Tensor], x2: Tensor, a_group: Tensor, b_stacks: Sequence[Tensor],
-                        tokens: AdapterTokens) -> list[Tensor]:
+                        tokens: AdapterTokens, mask: Tensor | None = None, b_cats: Sequence[Tensor] | None = None,
+                        kernel: bool | None = None) -> list[Tensor]:
     """In place, for every member m: ys[m][t] += (x2[t]·A_m[a]ᵀ)·B_m[a]ᵀ, a the adapter of token t
     (nothing for tokens without one). x2 (T, in); a_group (M·N·R, in) from `group_table`;
-    b_stacks[m] (N, out_m, R, already scaled) from `stack_adapters`; ys[m] (T, out_m) with unit
-    column stride; all in x2's dtype. Two launches for up to GROUP_MAX_MEMBERS members. Returns ys."""
+    b_stacks[m] (N, out_m, R, already scaled) from `stack_adapters`, contiguous; ys[m] (T, out_m)
+    with unit column stride; all in x2's dtype. For the dense expand, `mask` (`dense_row_mask` of
+    the tokens) and `b_cats` (each member's (out_m, N·R) table from `dense_tables`) are built when
+    None. `kernel`: the Triton expand, or dense (None: `grouped_kernel` decides). Returns ys."""
     if not ys or len(ys) != len(b_stacks):
         raise ValueError(f"expected equal, non-zero numbers of outputs and B tables; found {len(ys)} and {len(b_stacks)}")
     _check_tokens("x2", x2, tokens.row_adapter, tokens.seq)
@@ -485,15 +455,17 @@ def grouped_decode_add_(ys: Sequence[Tensor], x2: Tensor, a_group: Tensor, b_sta
             raise ValueError(f"member {i}: expected a contiguous b_stack ({n}, out, {R}) and y2 ({x2.shape[0]}, out) "
                              f"with unit column stride; found b_stack {tuple(b.shape)} and y2 {tuple(y2.shape)}")
     h_all = x2 @ a_group.T  # (T, M·N·R)
-    if not kernels_usable(b_stacks[0], R):
-        mask = dense_row_mask(tokens.row_adapter, tokens.seq, n, R, x2.dtype)
+    if not (grouped_kernel(x2, b_stacks[0]) if kernel is None else kernel and kernels_usable(b_stacks[0], R)):
+        if mask is None:
+            mask = dense_row_mask(tokens.row_adapter, tokens.seq, n, R, x2.dtype)
+        h_all.view(x2.shape[0], len(ys), n * R).mul_(mask[:, None, :])
         for m, (y2, b) in enumerate(zip(ys, b_stacks)):
-            h = h_all[:, m * n * R:(m + 1) * n * R] * mask
-            y2.addmm_(h, b.permute(1, 0, 2).reshape(b.shape[1], n * R).T)
+            b_cat = b.permute(1, 0, 2).reshape(b.shape[1], n * R) if b_cats is None else b_cats[m]
+            y2.addmm_(h_all[:, m * n * R:(m + 1) * n * R], b_cat.T)
         return list(ys)
     if not x2.shape[0] or not tokens.max_tokens:
         return list(ys)
-    bn = GROUP_CONFIG["BN"]
+    bn, pdl = GROUP_CONFIG["BN"], bool(GROUP_CONFIG.get("pdl")) and x2.is_cuda
     for g in range(0, len(ys), GROUP_MAX_MEMBERS):
         part = list(range(g, min(g + GROUP_MAX_MEMBERS, len(ys))))
         blocks = [triton.cdiv(b_stacks[m].shape[1], bn) for m in part]
@@ -504,7 +476,7 @@ def grouped_decode_add_(ys: Sequence[Tensor], x2: Tensor, a_group: Tensor, b_sta
         _grouped_expand_kernel[grid](
             h_all, h_all.stride(0), g * n * R, n * R, tokens.order, tokens.starts, *args, blocks[0],
             blocks[1] if len(part) > 1 else 0, MEMBERS=len(part), R=R, BT=GROUP_BLOCK_T, BN=bn,
-            IEEE=x2.dtype == torch.float32, num_warps=GROUP_CONFIG["num_warps"])
+            IEEE=x2.dtype == torch.float32, PDL=pdl, num_warps=GROUP_CONFIG["num_warps"], launch_pdl=pdl)
     return list(ys)
 
 
@@ -512,10 +484,21 @@ if triton is not None:
 
     @triton.jit
     def _group_member(H, s_h0, h_col, B, Y, s_y0, n_out, adapter, tok, t_ok, block, R: tl.constexpr,
-                      BN: tl.constexpr, IEEE: tl.constexpr):
+                      BN: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
         # Y[tok, block's BN columns] += H[tok, h_col:h_col + R]·B[adapter][columns]ᵀ; B (N, n_out, R) contiguous.
+        # With PDL (launched as a programmatic dependent of the shrink GEMM), B's tile is read before
+        # waiting for that GEMM to finish, H and Y after.
         rn = block * BN + tl.arange(0, BN)
-        acc = _expand_tile(H, B, adapter, tok, t_ok, rn, n_out, s_h0, h_col, n_out * R, R, 1, R, IEEE)
+        rr = tl.arange(0, R)
+        b = tl.load(B + adapter.to(tl.int64) * n_out * R + rn[None, :] * R + rr[:, None], mask=rn[None, :] < n_out,
+                    other=0.0)  # (R, BN) = Bᵀ tile
+        if PDL:
+            gdc_wait()
+        h = tl.load(H + tok[:, None] * s_h0 + h_col + rr[None, :], mask=t_ok[:, None], other=0.0).to(B.dtype.element_ty)
+        if IEEE:
+            acc = tl.dot(h, b, input_precision="ieee")
+        else:
+            acc = tl.dot(h, b)
         ok = t_ok[:, None] & (rn[None, :] < n_out)
         ptr = Y + tok[:, None] * s_y0 + rn[None, :]
         acc += tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
@@ -525,7 +508,7 @@ if triton is not None:
     def _grouped_expand_kernel(H, s_h0, h_start, h_member, ORDER, STARTS, B0, Y0, s_y0_0, n_out0,
                                B1, Y1, s_y0_1, n_out1, B2, Y2, s_y0_2, n_out2, blocks0, blocks1,
                                MEMBERS: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
-                               IEEE: tl.constexpr):
+                               IEEE: tl.constexpr, PDL: tl.constexpr):
         # Program (adapter, token block, column block): column blocks 0 .. blocks0 - 1 belong to
         # member 0, the next blocks1 to member 1, the rest to member 2. Member m's h columns for
         # the adapter start at h_start + m·h_member + adapter·R.
@@ -540,13 +523,13 @@ if triton is not None:
             c = tl.program_id(2)
             h_col = h_start + adapter.to(tl.int64) * R
             if c < blocks0:
-                _group_member(H, s_h0, h_col, B0, Y0, s_y0_0, n_out0, adapter, tok, t_ok, c, R, BN, IEEE)
+                _group_member(H, s_h0, h_col, B0, Y0, s_y0_0, n_out0, adapter, tok, t_ok, c, R, BN, IEEE, PDL)
             else:
                 if MEMBERS >= 2:
                     if c < blocks0 + blocks1:
                         _group_member(H, s_h0, h_col + h_member, B1, Y1, s_y0_1, n_out1, adapter, tok, t_ok,
-                                      c - blocks0, R, BN, IEEE)
+                                      c - blocks0, R, BN, IEEE, PDL)
                     else:
                         if MEMBERS >= 3:
                             _group_member(H, s_h0, h_col + 2 * h_member, B2, Y2, s_y0_2, n_out2, adapter, tok,
-                                          t_ok, c - blocks0 - blocks1, R, BN, IEEE)
+                                          t_ok, c - blocks0 - blocks1, R, BN, IEEE, PDL)
