@@ -61,7 +61,7 @@ elif [ "$part" = 5 ]; then
     step train-compiled-4x2048 320 python train_step.py --modes compiled --methods floor,lorakit --shapes 4x2048 \
         --dropouts 0,0.1 --json "$out/train-compiled-4x2048.json"
 elif [ "$part" = 6 ]; then
-    step gpu-tests-mixed 120 python -m pytest -q -p no:cacheprovider tests/test_gpu.py -k mixed_batch
+    step gpu-tests-mixed 120 python -m pytest -q -p no:cacheprovider tests/test_gpu.py -k mixed
     cd benchmarks
     step infer 400 python infer.py --reps 10 --decode-steps 64 --peft-decode-steps 16 --json "$out/infer.json"
 else
