@@ -253,8 +253,8 @@ def main() -> None:
         return run
 
     decode_runs = {"base": lambda s: decode_run(base, prompt, s), "lorakit 16 adapters (route)": mixed_decode,
-                   "lorakit 16 adapters, dense, each layer alone": forced(mixed_decode, DECODE_SIBLINGS=False),
-                   "lorakit 16 adapters, grouped expand kernel": forced(mixed_decode, DECODE_GROUPED=True)}
+                   "lorakit 16 adapters, kernel, each layer alone": forced(mixed_decode, DECODE_SIBLINGS=False),
+                   "lorakit 16 adapters, dense expand (no kernel)": forced(mixed_decode, DECODE_GROUPED=False)}
     for fn in decode_runs.values():
         fn(4)  # warm-up
     samples = {run: [] for run in decode_runs}
@@ -275,12 +275,10 @@ def main() -> None:
 
         graph_runs = [("base", lambda: graphed_decode_run(base, prompt, args.decode_steps)),
                       ("lorakit 16 adapters (route)", graphed_mixed),
-                      ("lorakit 16 adapters, expand as a programmatic dependent",
-                       forced(graphed_mixed, GROUP_CONFIG={**multi.GROUP_CONFIG, "pdl": True})),
                       ("lorakit 16 adapters, kernel, each layer alone", forced(graphed_mixed, DECODE_SIBLINGS=False)),
                       ("lorakit 16 adapters, dense expand (no kernel)", forced(graphed_mixed, DECODE_GROUPED=False))]
         for spec in args.group_configs.split(","):
-            cfg = dict(zip(("BN", "num_warps"), map(int, spec.split(":"))), pdl=False)
+            cfg = dict(zip(("BN", "num_warps"), map(int, spec.split(":"))))
             graph_runs.append((f"lorakit 16 adapters, grouped BN={cfg['BN']} warps={cfg['num_warps']}",
                                forced(graphed_mixed, GROUP_CONFIG=cfg)))
         for run, fn in graph_runs:

@@ -176,18 +176,18 @@ def mixed_llama():
     return model, ["a0", None, "a3", "a1", "a2", "a0"]
 
 
-@pytest.mark.parametrize("pdl", [False, True])
-def test_mixed_decode_replayed_from_a_cuda_graph_matches_eager(pdl, monkeypatch):
-    """A few-token mixed forward captured in a CUDA graph (where the grouped route takes its Triton
-    expand, launched as a programmatic dependent with `pdl`) gives the eager (dense) logits."""
+def test_mixed_decode_replayed_from_a_cuda_graph_matches_eager(monkeypatch):
+    """A few-token mixed forward captured in a CUDA graph (the grouped route with its Triton
+    expand) and replayed gives the logits of the same forward run eagerly with the dense expand."""
     from lorakit.ops import multi
 
-    monkeypatch.setattr(multi, "GROUP_CONFIG", {**multi.GROUP_CONFIG, "pdl": pdl})
     model, rows = mixed_llama()
     ids = torch.randint(0, 512, (len(rows), 1), device="cuda")
     with torch.no_grad(), lorakit.route(model, rows):
+        monkeypatch.setattr(multi, "DECODE_GROUPED", False)
         model(input_ids=ids)
         eager = model(input_ids=ids).logits.float()  # the second call groups the siblings
+        monkeypatch.setattr(multi, "DECODE_GROUPED", True)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -202,17 +202,16 @@ def test_mixed_decode_replayed_from_a_cuda_graph_matches_eager(pdl, monkeypatch)
     assert rel(out.float(), eager) < 1e-2
 
 
-@pytest.mark.parametrize("seq,decode", [(1, "dense"), (1, "dense-per-layer"), (1, "grouped"), (1, "grouped-pdl"),
-                                        (1, "grouped-per-layer"), (300, "dense")])
+@pytest.mark.parametrize("seq,decode", [(1, "dense"), (1, "dense-per-layer"), (1, "grouped"), (1, "grouped-per-layer"),
+                                        (300, "dense")])
 def test_bf16_mixed_batch_matches_each_row_alone(seq, decode, monkeypatch):
-    """seq 1: the few-token route with its dense expand and its Triton expand kernel (also
-    launched as a programmatic dependent), layers fed one input sharing their launches or each
-    alone, on the second call of the shape, the one that groups them; seq 300: the prefill kernels."""
+    """seq 1: the few-token route with its dense expand and its Triton expand kernel, layers fed
+    one input sharing their launches or each alone, on the second call of the shape, the one that
+    groups them; seq 300: the prefill kernels."""
     from lorakit.ops import multi
 
     monkeypatch.setattr(multi, "DECODE_GROUPED", decode.startswith("grouped"))
     monkeypatch.setattr(multi, "DECODE_SIBLINGS", not decode.endswith("per-layer"))
-    monkeypatch.setattr(multi, "GROUP_CONFIG", {**multi.GROUP_CONFIG, "pdl": decode == "grouped-pdl"})
     model, rows = mixed_llama()
     ids = torch.randint(0, 512, (len(rows), seq), device="cuda")
     with torch.no_grad():

@@ -333,8 +333,9 @@ class LoraLinear(LoraLayer):
         a_group = route.cached(("group table", *(id(p.a_cat) for p in plans)),
                                lambda: multi.group_table([p.a_cat for p in plans]))
         ys = [F.linear(x2, p.weight, p.bias) for p in plans]
+        # The first call of a shape (group=False) checks its tables; a group's members were each checked so.
         multi.grouped_decode_add_(ys, x2, a_group, [p.b_stack for p in plans], plan.tokens, plan.mask,
-                                  [p.b_cat for p in plans])
+                                  [p.b_cat for p in plans], check=not group)
         for m, y in zip(members[1:], ys[1:]):
             route.leave(m, x, y)
         return ys[0]

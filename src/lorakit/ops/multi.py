@@ -28,7 +28,6 @@ from lorakit.ops.triton_kernels import triton
 
 if triton is not None:
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_wait
 
 SHRINK_BLOCK_K = 128  # `in` columns per shrink step (BLOCK_K)
 EXPAND_BLOCK_N = 128  # output columns per expand program (BLOCK_N)
@@ -379,17 +378,18 @@ def dense_expand_add_(y2: Tensor, x2: Tensor, a_cat: Tensor, b_cat: Tensor, mask
 #
 # - by one Triton kernel for all members, whose programs each take one adapter's tokens (up
 #   to GROUP_BLOCK_T of them) and one BN-wide block of one member's columns, so each block of
-#   B is read once per adapter: two launches a group, the fastest replayed from a CUDA graph;
+#   B is read once per adapter: two launches a group;
 # - or dense: the columns of the adapters a token does not use zeroed (one multiply for all
-#   members), then one addmm with all adapters' B per member: 2 + M library calls, which cost
-#   the host less than a Triton launch when the step runs eagerly.
+#   members), then one addmm with all adapters' B per member: 2 + M library calls (the CPU path).
 #
-# DECODE_GROUPED picks the kernel while a CUDA graph is being captured (None), always (True)
-# or never (False). A one-launch variant whose programs also did the shrink was slower: its
-# serial loop over `in` cost 13-17 µs a launch on an H200 (benchmarks/RESULTS.md, seventh set).
-DECODE_GROUPED: bool | None = None
+# DECODE_GROUPED picks the kernel (True, where the kernels can run) or the dense expand. On an
+# H200 the kernel was the faster both replayed from a CUDA graph and eagerly. A one-launch
+# variant whose programs also did the shrink was slower: its serial loop over `in` cost 13-17
+# µs a launch; so was launching the expand as a programmatic dependent of the shrink GEMM, by
+# a little (benchmarks/RESULTS.md, seventh set).
+DECODE_GROUPED = True
 DECODE_SIBLINGS = True  # layers fed the same tensor share their launches (False: each layer alone)
-GROUP_CONFIG = {"BN": 128, "num_warps": 4, "pdl": False}
+GROUP_CONFIG = {"BN": 128, "num_warps": 4}
 GROUP_MAX_MEMBERS = 3  # members per expand launch; a larger group takes more launches
 GROUP_BLOCK_T = 16  # tokens of one adapter per program (tl.dot's smallest tile)
 
@@ -423,11 +423,9 @@ def adapter_tokens(rows: Sequence[int], seq: int, n: int, device: torch.device |
     return AdapterTokens(as_tensor(order), as_tensor(starts), most, as_tensor(list(rows)), seq)
 
 
-def grouped_kernel(x2: Tensor, b_stack: Tensor) -> bool:
-    """Whether `grouped_decode_add_` expands with its Triton kernel (see DECODE_GROUPED) for inputs like x2."""
-    if DECODE_GROUPED is False or not kernels_usable(b_stack, b_stack.shape[2]):
-        return False
-    return DECODE_GROUPED or (x2.is_cuda and torch.cuda.is_current_stream_capturing())
+def grouped_kernel(b_stack: Tensor) -> bool:
+    """Whether `grouped_decode_add_` expands with its Triton kernel (see DECODE_GROUPED) for this B table."""
+    return DECODE_GROUPED and kernels_usable(b_stack, b_stack.shape[2])
 
 
 def group_table(a_cats: Sequence[Tensor]) -> Tensor:
@@ -435,15 +433,8 @@ def group_table(a_cats: Sequence[Tensor]) -> Tensor:
     return a_cats[0] if len(a_cats) == 1 else torch.cat(list(a_cats))
 
 
-def grouped_decode_add_(ys: Sequence[Tensor], x2: Tensor, a_group: Tensor, b_stacks: Sequence[Tensor],
-                        tokens: AdapterTokens, mask: Tensor | None = None, b_cats: Sequence[Tensor] | None = None,
-                        kernel: bool | None = None) -> list[Tensor]:
-    """In place, for every member m: ys[m][t] += (x2[t]·A_m[a]ᵀ)·B_m[a]ᵀ, a the adapter of token t
-    (nothing for tokens without one). x2 (T, in); a_group (M·N·R, in) from `group_table`;
-    b_stacks[m] (N, out_m, R, already scaled) from `stack_adapters`, contiguous; ys[m] (T, out_m)
-    with unit column stride; all in x2's dtype. For the dense expand, `mask` (`dense_row_mask` of
-    the tokens) and `b_cats` (each member's (out_m, N·R) table from `dense_tables`) are built when
-    None. `kernel`: the Triton expand, or dense (None: `grouped_kernel` decides). Returns ys."""
+def _check_group(ys: Sequence[Tensor], x2: Tensor, a_group: Tensor, b_stacks: Sequence[Tensor],
+                 tokens: AdapterTokens) -> None:
     if not ys or len(ys) != len(b_stacks):
         raise ValueError(f"expected equal, non-zero numbers of outputs and B tables; found {len(ys)} and {len(b_stacks)}")
     _check_tokens("x2", x2, tokens.row_adapter, tokens.seq)
@@ -454,8 +445,24 @@ def grouped_decode_add_(ys: Sequence[Tensor], x2: Tensor, a_group: Tensor, b_sta
         if b.shape[0] != n or not b.is_contiguous() or y2.shape != (x2.shape[0], b.shape[1]) or y2.stride(1) != 1:
             raise ValueError(f"member {i}: expected a contiguous b_stack ({n}, out, {R}) and y2 ({x2.shape[0]}, out) "
                              f"with unit column stride; found b_stack {tuple(b.shape)} and y2 {tuple(y2.shape)}")
+
+
+def grouped_decode_add_(ys: Sequence[Tensor], x2: Tensor, a_group: Tensor, b_stacks: Sequence[Tensor],
+                        tokens: AdapterTokens, mask: Tensor | None = None, b_cats: Sequence[Tensor] | None = None,
+                        kernel: bool | None = None, check: bool = True) -> list[Tensor]:
+    """In place, for every member m: ys[m][t] += (x2[t]·A_m[a]ᵀ)·B_m[a]ᵀ, a the adapter of token t
+    (nothing for tokens without one). x2 (T, in); a_group (M·N·R, in) from `group_table`;
+    b_stacks[m] (N, out_m, R, already scaled) from `stack_adapters`, contiguous; ys[m] (T, out_m)
+    with unit column stride; all in x2's dtype. For the dense expand, `mask` (`dense_row_mask` of
+    the tokens) and `b_cats` (each member's (out_m, N·R) table from `dense_tables`) are built when
+    None. `kernel`: the Triton expand, or dense (None: `grouped_kernel` decides). `check=False`
+    skips the checks of the arguments, for callers that checked the same tables and shapes
+    before (a decode step repeats the last one's). Returns ys."""
+    n, _, R = b_stacks[0].shape
+    if check:
+        _check_group(ys, x2, a_group, b_stacks, tokens)
     h_all = x2 @ a_group.T  # (T, M·N·R)
-    if not (grouped_kernel(x2, b_stacks[0]) if kernel is None else kernel and kernels_usable(b_stacks[0], R)):
+    if not (grouped_kernel(b_stacks[0]) if kernel is None else kernel and kernels_usable(b_stacks[0], R)):
         if mask is None:
             mask = dense_row_mask(tokens.row_adapter, tokens.seq, n, R, x2.dtype)
         h_all.view(x2.shape[0], len(ys), n * R).mul_(mask[:, None, :])
@@ -465,7 +472,7 @@ def grouped_decode_add_(ys: Sequence[Tensor], x2: Tensor, a_group: Tensor, b_sta
         return list(ys)
     if not x2.shape[0] or not tokens.max_tokens:
         return list(ys)
-    bn, pdl = GROUP_CONFIG["BN"], bool(GROUP_CONFIG.get("pdl")) and x2.is_cuda
+    bn = GROUP_CONFIG["BN"]
     for g in range(0, len(ys), GROUP_MAX_MEMBERS):
         part = list(range(g, min(g + GROUP_MAX_MEMBERS, len(ys))))
         blocks = [triton.cdiv(b_stacks[m].shape[1], bn) for m in part]
@@ -476,7 +483,7 @@ def grouped_decode_add_(ys: Sequence[Tensor], x2: Tensor, a_group: Tensor, b_sta
         _grouped_expand_kernel[grid](
             h_all, h_all.stride(0), g * n * R, n * R, tokens.order, tokens.starts, *args, blocks[0],
             blocks[1] if len(part) > 1 else 0, MEMBERS=len(part), R=R, BT=GROUP_BLOCK_T, BN=bn,
-            IEEE=x2.dtype == torch.float32, PDL=pdl, num_warps=GROUP_CONFIG["num_warps"], launch_pdl=pdl)
+            IEEE=x2.dtype == torch.float32, num_warps=GROUP_CONFIG["num_warps"])
     return list(ys)
 
 
@@ -484,21 +491,10 @@ if triton is not None:
 
     @triton.jit
     def _group_member(H, s_h0, h_col, B, Y, s_y0, n_out, adapter, tok, t_ok, block, R: tl.constexpr,
-                      BN: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+                      BN: tl.constexpr, IEEE: tl.constexpr):
         # Y[tok, block's BN columns] += H[tok, h_col:h_col + R]·B[adapter][columns]ᵀ; B (N, n_out, R) contiguous.
-        # With PDL (launched as a programmatic dependent of the shrink GEMM), B's tile is read before
-        # waiting for that GEMM to finish, H and Y after.
         rn = block * BN + tl.arange(0, BN)
-        rr = tl.arange(0, R)
-        b = tl.load(B + adapter.to(tl.int64) * n_out * R + rn[None, :] * R + rr[:, None], mask=rn[None, :] < n_out,
-                    other=0.0)  # (R, BN) = Bᵀ tile
-        if PDL:
-            gdc_wait()
-        h = tl.load(H + tok[:, None] * s_h0 + h_col + rr[None, :], mask=t_ok[:, None], other=0.0).to(B.dtype.element_ty)
-        if IEEE:
-            acc = tl.dot(h, b, input_precision="ieee")
-        else:
-            acc = tl.dot(h, b)
+        acc = _expand_tile(H, B, adapter, tok, t_ok, rn, n_out, s_h0, h_col, n_out * R, R, 1, R, IEEE)
         ok = t_ok[:, None] & (rn[None, :] < n_out)
         ptr = Y + tok[:, None] * s_y0 + rn[None, :]
         acc += tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
@@ -508,7 +504,7 @@ if triton is not None:
     def _grouped_expand_kernel(H, s_h0, h_start, h_member, ORDER, STARTS, B0, Y0, s_y0_0, n_out0,
                                B1, Y1, s_y0_1, n_out1, B2, Y2, s_y0_2, n_out2, blocks0, blocks1,
                                MEMBERS: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
-                               IEEE: tl.constexpr, PDL: tl.constexpr):
+                               IEEE: tl.constexpr):
         # Program (adapter, token block, column block): column blocks 0 .. blocks0 - 1 belong to
         # member 0, the next blocks1 to member 1, the rest to member 2. Member m's h columns for
         # the adapter start at h_start + m·h_member + adapter·R.
@@ -523,13 +519,13 @@ if triton is not None:
             c = tl.program_id(2)
             h_col = h_start + adapter.to(tl.int64) * R
             if c < blocks0:
-                _group_member(H, s_h0, h_col, B0, Y0, s_y0_0, n_out0, adapter, tok, t_ok, c, R, BN, IEEE, PDL)
+                _group_member(H, s_h0, h_col, B0, Y0, s_y0_0, n_out0, adapter, tok, t_ok, c, R, BN, IEEE)
             else:
                 if MEMBERS >= 2:
                     if c < blocks0 + blocks1:
                         _group_member(H, s_h0, h_col + h_member, B1, Y1, s_y0_1, n_out1, adapter, tok, t_ok,
-                                      c - blocks0, R, BN, IEEE, PDL)
+                                      c - blocks0, R, BN, IEEE)
                     else:
                         if MEMBERS >= 3:
                             _group_member(H, s_h0, h_col + 2 * h_member, B2, Y2, s_y0_2, n_out2, adapter, tok,
-                                          t_ok, c - blocks0 - blocks1, R, BN, IEEE, PDL)
+                                          t_ok, c - blocks0 - blocks1, R, BN, IEEE)
