@@ -12,8 +12,9 @@ is a multiple k of the names (`generate` with `num_return_sequences` or beams re
 each row k times) gives each repeated row its source row's adapter.
 
 Without gradients, linear layers run `ops.multi` on stacked copies of the adapters: the
-Triton shrink/expand kernels (one launch each for all adapters) for prefill-sized inputs,
-and three library calls over all adapters at once for a few tokens (decode). The copies
+Triton shrink/expand kernels (one launch each for all adapters) for prefill-sized inputs;
+for a few tokens (decode), one GEMM over all adapters and one Triton expand, shared by the
+layers called in turn on the same input (q/k/v, gate/up). The copies
 are taken when a layer first runs inside a context and kept for later contexts until an
 adapter changes; a change to an adapter's weights made inside an open context is seen
 from the next context on. With gradients, or dropout in training mode, the plain

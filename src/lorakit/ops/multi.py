@@ -346,7 +346,9 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a_stack: T
 # all N adapters' A at once (one GEMM against the (N·R, in) table), zeroing the columns of
 # the adapters a token does not use, and adding the product with the (out, N·R) B table into
 # y in place is three library calls and no Triton launch; the N-fold extra arithmetic is on
-# (T × N·R) tiles and costs nothing measurable at decode sizes. Prefill uses the kernels.
+# (T × N·R) tiles and costs nothing measurable at decode sizes. Inputs of up to
+# DENSE_MAX_TOKENS tokens take this route, or `grouped_decode_add_` below (its first GEMM is
+# this one, for several layers at once); longer ones (prefill) take the kernels above.
 DENSE_MAX_TOKENS = 256
 
 
