@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_check.sh 3 [OUT_DIR]   # bf16 GPU tests, eager and graphed steps at two shapes and ranks, an eager profile (<= 8.2 min)
 #   bash benchmarks/gpu_check.sh 4 [OUT_DIR]   # inference with PEFT alongside, host cost per call, an eager profile (<= 8 min)
 #   bash benchmarks/gpu_check.sh 5 [OUT_DIR]   # compiled lorakit at r = 64 (floor: part 2's), compiled 4 x 2048 (<= 8.7 min)
-#   bash benchmarks/gpu_check.sh 6 [OUT_DIR]   # bf16 mixed-batch GPU tests, inference with PEFT alongside (<= 8.7 min)
+#   bash benchmarks/gpu_check.sh 6 [OUT_DIR]   # bf16 GPU tests, inference with PEFT alongside (<= 8.4 min)
 #
 # Logs and JSON rows go to OUT_DIR (default: $OUT, else gpu-check/); each step's table is
 # printed as it finishes.
@@ -61,9 +61,9 @@ elif [ "$part" = 5 ]; then
     step train-compiled-4x2048 320 python train_step.py --modes compiled --methods floor,lorakit --shapes 4x2048 \
         --dropouts 0,0.1 --json "$out/train-compiled-4x2048.json"
 elif [ "$part" = 6 ]; then
-    step gpu-tests-mixed 120 python -m pytest -q -p no:cacheprovider tests/test_gpu.py -k mixed
+    step gpu-tests 200 python -m pytest -q -p no:cacheprovider tests/test_gpu.py
     cd benchmarks
-    step infer 400 python infer.py --reps 10 --decode-steps 64 --peft-decode-steps 16 --json "$out/infer.json"
+    step infer 300 python infer.py --reps 10 --decode-steps 64 --peft-decode-steps 16 --json "$out/infer.json"
 else
     echo "usage: bash benchmarks/gpu_check.sh 1|2|3|4|5|6 [OUT_DIR]" >&2
     exit 2
