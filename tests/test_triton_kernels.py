@@ -92,7 +92,8 @@ def test_fused_function_with_kernels_matches_reference(p):
         fused.use_kernels_on_cpu(False)
 
 
-@pytest.mark.parametrize("p", [0.3, 0.5, 0.1])  # 0.5·2²⁴ is a whole number: the threshold's edge case
+# 0.5·2²⁴ is a whole number: the threshold's edge case; 1/3 and 1e-7 round in float32 before the test
+@pytest.mark.parametrize("p", [0.3, 0.5, 0.1, 1 / 3, 1e-7, 0.999])
 @pytest.mark.parametrize("seed", [0, 5, 2**31 - 2])
 def test_torch_mask_equals_kernel_mask(seed, p):
     for shape in [(300, 70), (1, 5), (64, 129)]:

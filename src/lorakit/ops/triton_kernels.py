@@ -126,15 +126,19 @@ if triton is not None:
 
     @triton.jit
     def _keep(seed, rows, cols, n_in, p):  # seed: a scalar loaded from the seed tensor
-        pos = (rows[:, None] * n_in + cols[None, :]).to(tl.uint32)
-        h = pos * 0x9E3779B1 + seed.to(tl.uint32)
+        # The same bits as keep_mask_torch, with less integer work per element: (t·n_in + i)·G + seed
+        # is spread over a row term and a column term (mod 2³² the products distribute), and
+        # u = (h >> 8)·2⁻²⁴ >= p is the integer test h >> 8 >= ceil(p·2²⁴) (p·2²⁴ is exact in float32).
+        row_term = rows.to(tl.uint32) * n_in * 0x9E3779B1
+        col_term = cols.to(tl.uint32) * 0x9E3779B1 + seed.to(tl.uint32)
+        h = row_term[:, None] + col_term[None, :]
         h = h ^ (h >> 16)
         h = h * 0x7FEB352D
         h = h ^ (h >> 15)
         h = h * 0x846CA68B
         h = h ^ (h >> 16)
-        u = (h >> 8).to(tl.float32) * (1.0 / 16777216.0)  # top 24 bits -> [0, 1)
-        return u >= p
+        threshold = tl.math.ceil(p * 16777216.0).to(tl.uint32)
+        return (h >> 8) >= threshold
 
     @triton.jit
     def _mask_kernel(OUT, T, n_in, SEED, p, BT: tl.constexpr, BN: tl.constexpr):
@@ -148,7 +152,8 @@ if triton is not None:
     def _masked_shrink_kernel(X, A, H, T, n_in, r, SEED, p, mult,
                               s_x0, s_x1, s_a0, s_a1, s_h0, s_h1,
                               BT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
-        # H[t, :] = Σ_i mult·keep(t, i)·X[t, i] · A[:, i], mult = s/(1-p); one block of BT rows per program.
+        # H[t, :] = mult · Σ_i keep(t, i)·X[t, i] · A[:, i], mult = s/(1-p); one block of BT rows per program.
+        # mult scales the float32 sum once, so the dropped x enters the dot as it was loaded.
         rt = tl.program_id(0) * BT + tl.arange(0, BT)
         rr = tl.arange(0, BR)
         acc = tl.zeros((BT, BR), dtype=tl.float32)
@@ -157,21 +162,21 @@ if triton is not None:
             ok = (rt[:, None] < T) & (rk[None, :] < n_in)
             x = tl.load(X + rt[:, None] * s_x0 + rk[None, :] * s_x1, mask=ok, other=0.0)
             keep = _keep(tl.load(SEED), rt, rk, n_in, p)
-            x = tl.where(keep, x * mult, 0.0).to(X.dtype.element_ty)
+            x = tl.where(keep, x, 0.0).to(X.dtype.element_ty)
             a = tl.load(A + rr[None, :] * s_a0 + rk[:, None] * s_a1, mask=(rr[None, :] < r) & (rk[:, None] < n_in),
                         other=0.0)  # (BK, BR) = Aᵀ tile
             if IEEE:
                 acc += tl.dot(x, a, input_precision="ieee")
             else:
                 acc += tl.dot(x, a)
-        tl.store(H + rt[:, None] * s_h0 + rr[None, :] * s_h1, acc.to(H.dtype.element_ty),
+        tl.store(H + rt[:, None] * s_h0 + rr[None, :] * s_h1, (acc * mult).to(H.dtype.element_ty),
                  mask=(rt[:, None] < T) & (rr[None, :] < r))
 
     @triton.jit
     def _masked_grad_a_kernel(DYB, X, PART, T, n_in, r, SEED, p, mult, rows_per_split,
                               s_d0, s_d1, s_x0, s_x1,
                               BT: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
-        # PART[split, :, n] = Σ_{t in split} DYB[t, :]ᵀ · mult·keep(t, n)·X[t, n], mult = s/(1-p)
+        # PART[split, :, n] = mult · Σ_{t in split} DYB[t, :]ᵀ · keep(t, n)·X[t, n], mult = s/(1-p)
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
         rn = pid_n * BN + tl.arange(0, BN)
@@ -184,7 +189,7 @@ if triton is not None:
             x = tl.load(X + rt[:, None] * s_x0 + rn[None, :] * s_x1, mask=t_ok[:, None] & (rn[None, :] < n_in),
                         other=0.0)
             keep = _keep(tl.load(SEED), rt, rn, n_in, p)
-            x = tl.where(keep, x * mult, 0.0).to(X.dtype.element_ty)
+            x = tl.where(keep, x, 0.0).to(X.dtype.element_ty)
             d = tl.load(DYB + rr[:, None] * s_d1 + rt[None, :] * s_d0, mask=(rr[:, None] < r) & t_ok[None, :],
                         other=0.0)  # (BR, BT) = DYBᵀ tile
             if IEEE:
@@ -192,7 +197,7 @@ if triton is not None:
             else:
                 acc += tl.dot(d, x)
         out = PART + split * r * n_in + rr[:, None] * n_in + rn[None, :]
-        tl.store(out, acc, mask=(rr[:, None] < r) & (rn[None, :] < n_in))
+        tl.store(out, acc * mult, mask=(rr[:, None] < r) & (rn[None, :] < n_in))
 
     @triton.jit
     def _masked_dx_add_kernel(DX, DYB, A, T, n_in, r, SEED, p, scale_keep,
