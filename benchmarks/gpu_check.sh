@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks and measurements of the fused paths, in the order they are needed, each under
-# its own time limit, in six parts that each fit one 10-minute command:
+# its own time limit, in seven parts that each fit one 10-minute command:
 #
 #   bash benchmarks/gpu_check.sh 1 [OUT_DIR]   # bf16 GPU tests, tile sweeps, inference, eager and graphed steps (<= 9.7 min)
 #   bash benchmarks/gpu_check.sh 2 [OUT_DIR]   # one run: eager floor, lorakit, PEFT, full; compiled floor, lorakit (<= 9.7 min)
@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_check.sh 4 [OUT_DIR]   # inference with PEFT alongside, host cost per call, an eager profile (<= 8 min)
 #   bash benchmarks/gpu_check.sh 5 [OUT_DIR]   # compiled lorakit at r = 64 (floor: part 2's), compiled 4 x 2048 (<= 8.7 min)
 #   bash benchmarks/gpu_check.sh 6 [OUT_DIR]   # bf16 GPU tests, inference with PEFT alongside (<= 8.4 min)
+#   bash benchmarks/gpu_check.sh 7 [OUT_DIR]   # bf16 GPU tests, eager and graphed steps, eager and compiled (4-block) profiles (<= 9.2 min)
 #
 # Logs and JSON rows go to OUT_DIR (default: $OUT, else gpu-check/); each step's table is
 # printed as it finishes.
@@ -64,7 +65,15 @@ elif [ "$part" = 6 ]; then
     step gpu-tests 200 python -m pytest -q -p no:cacheprovider tests/test_gpu.py
     cd benchmarks
     step infer 300 python infer.py --reps 10 --decode-steps 64 --peft-decode-steps 16 --json "$out/infer.json"
+elif [ "$part" = 7 ]; then
+    step gpu-tests 180 python -m pytest -q -p no:cacheprovider tests/test_gpu.py
+    cd benchmarks
+    step train-eager-graphed 90 python train_step.py --modes eager,graphed --methods floor,lorakit --dropouts 0,0.1 \
+        --json "$out/train-eager-graphed.json"
+    step profile-eager 120 python profile_step.py --runs floor,lorakit:0,lorakit:0.1 --rows 20 --out "$out/profile"
+    step profile-compiled 150 python profile_step.py --runs floor:0:compiled,lorakit:0:compiled,lorakit:0.1:compiled \
+        --layers 4 --rows 30 --out "$out/profile-compiled"
 else
-    echo "usage: bash benchmarks/gpu_check.sh 1|2|3|4|5|6 [OUT_DIR]" >&2
+    echo "usage: bash benchmarks/gpu_check.sh 1|2|3|4|5|6|7 [OUT_DIR]" >&2
     exit 2
 fi
