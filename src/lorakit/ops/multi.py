@@ -385,10 +385,11 @@ def dense_expand_add_(y2: Tensor, x2: Tensor, a_cat: Tensor, b_cat: Tensor, mask
 #   members), then one addmm with all adapters' B per member: 2 + M library calls (the CPU path).
 #
 # DECODE_GROUPED picks the kernel (True, where the kernels can run) or the dense expand. On an
-# H200 the kernel was the faster both replayed from a CUDA graph and eagerly. A one-launch
-# variant whose programs also did the shrink was slower: its serial loop over `in` cost 13-17
-# µs a launch; so was launching the expand as a programmatic dependent of the shrink GEMM, by
-# a little (benchmarks/RESULTS.md, seventh set).
+# H200, replayed from a CUDA graph, the kernel made the step 1.14× the base model's against
+# 1.22× dense; eagerly the step is bound by the host and the two were alike (each faster on
+# one of two machines). A one-launch variant whose programs also did the shrink was slower:
+# its serial loop over `in` cost 13-17 µs a launch; so was launching the expand as a
+# programmatic dependent of the shrink GEMM, by a little (benchmarks/RESULTS.md, seventh set).
 DECODE_GROUPED = True
 DECODE_SIBLINGS = True  # layers fed the same tensor share their launches (False: each layer alone)
 GROUP_CONFIG = {"BN": 128, "num_warps": 4}
