@@ -38,7 +38,6 @@ class DecodePlan:
     a_cat: Tensor  # (N·R, in)
     b_cat: Tensor  # (out, N·R)
     mask: Tensor  # (T, N·R)
-    row_adapter: Tensor  # (rows,)
     tokens: ops.multi.AdapterTokens
 
     def fits(self, other: DecodePlan) -> bool:
@@ -301,7 +300,7 @@ class LoraLinear(LoraLayer):
             tokens = route.cached(("tokens", tuple(names), rows, seq, x.device), lambda: ops.multi.adapter_tokens(
                 route.row_indices(tuple(names), rows), seq, n, x.device))
             self._plan = DecodePlan(route, (x.shape, x.dtype, self.training), weight, base.bias, b_stack, a_cat, b_cat,
-                                    mask, row_adapter, tokens)
+                                    mask, tokens)
             route.note_input(self, x)
             y = self._decode_step(x, self._plan, group=False)
         elif plain:

@@ -16,8 +16,9 @@ Triton shrink/expand kernels (one launch each for all adapters) for prefill-size
 for a few tokens (decode), one GEMM over all adapters and one Triton expand, shared by the
 layers called in turn on the same input (q/k/v, gate/up). The copies
 are taken when a layer first runs inside a context and kept for later contexts until an
-adapter changes; a change to an adapter's weights made inside an open context is seen
-from the next context on. With gradients, or dropout in training mode, the plain
+adapter changes (for decode, each group of layers also holds a copy of its members' A
+tables side by side, built once per context); a change to an adapter's weights made inside
+an open context is seen from the next context on. With gradients, or dropout in training mode, the plain
 per-adapter path runs instead and is differentiable.
 """
 
