@@ -143,6 +143,19 @@ def test_decode_steps_share_one_launch_among_layers_fed_one_input(monkeypatch):
             assert rel(second[i:i + 1], alone(model, name, input_ids=ids[i:i + 1])) < 1e-5, (i, name)
 
 
+def test_decode_steps_under_inference_mode_match_no_grad():
+    """Inference-mode tensors keep no version counter; the sibling checks still hold there."""
+    model = with_adapters(tiny_llama_causal(), LLAMA_TARGETS)
+    ids = input_ids(batch=len(ROWS), seq=1)
+    with torch.no_grad(), lorakit.route(model, ROWS):
+        model(input_ids=ids)
+        want = model(input_ids=ids).logits
+    with torch.inference_mode(), lorakit.route(model, ROWS):
+        model(input_ids=ids)
+        got = model(input_ids=ids).logits  # the second call groups the siblings
+    assert torch.equal(got, want)
+
+
 def test_repeated_rows_take_their_source_rows_adapter():
     model = with_adapters(tiny_llama_causal(), LLAMA_TARGETS)
     ids = input_ids(batch=2, seq=5)
