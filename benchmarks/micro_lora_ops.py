@@ -10,6 +10,7 @@ pieces (dy·B)ᵀ·x and dyᵀ·h. Prints one row per shape.
     python benchmarks/micro_lora_ops.py --grads     # ways to get float32 adapter gradients
     python benchmarks/micro_lora_ops.py --gated     # the gated MLP's elementwise work, torch vs kernels
     python benchmarks/micro_lora_ops.py --masked    # the dropout kernels' tile configurations
+    python benchmarks/micro_lora_ops.py --w-eff     # the W + s·B·A kernel's tiles against a plain copy of W
 """
 
 from __future__ import annotations
@@ -74,6 +75,37 @@ def kernels(T: int = 8192, r: int = 16) -> None:
                bench(lambda: tk.masked_grad_a(dyb, x, 0.1, 3)), bench(lambda: dx.addcmul_(dyb @ a, mask)),
                bench(lambda: tk.masked_dx_add_(dx, dyb, a, 2.0, 0.1, 3))]
         print(f"{name:<8} " + " ".join(f"{v:7.3f}" for v in row))
+
+
+W_EFF_TILES = [(64, 128, 4), (128, 128, 4), (128, 128, 8), (64, 256, 4), (64, 256, 8), (128, 256, 8),
+               (32, 256, 4), (256, 128, 8)]  # (BM, BN, num_warps)
+
+
+def w_eff(r: int = 16) -> None:
+    """W + s·B·A (lorakit's kernel) at each tile of W_EFF_TILES, against out.copy_(W): the same
+    bytes moved (W read, out written) with no arithmetic. GB/s counts those bytes."""
+    from lorakit.ops import triton_kernels as tk
+
+    dev, dt = "cuda", torch.bfloat16
+    configured = dict(tk.W_EFF_CONFIG)
+    print(f"\nW + s·B·A, ms (GB/s); configured tile {configured}")
+    print(f"{'shape':<8} {'copy':>15} " + " ".join(f"{f'{bm}x{bn}/{w}':>15}" for bm, bn, w in W_EFF_TILES))
+    try:
+        for name, (fin, fout) in SHAPES.items():
+            w = torch.randn(fout, fin, device=dev, dtype=dt) * 0.02
+            a = torch.randn(r, fin, device=dev, dtype=dt) * 0.02
+            b = torch.randn(fout, r, device=dev, dtype=dt) * 0.02
+            out = torch.empty_like(w)
+            gb = 2 * w.numel() * w.element_size() / 1e9
+            cells = [bench(lambda: out.copy_(w))]
+            for bm, bn, warps in W_EFF_TILES:
+                tk.W_EFF_CONFIG.update(BM=bm, BN=bn, num_warps=warps)
+                tk.build_w_eff(w, a, b, 2.0, out=out)  # compile outside the graph
+                cells.append(bench(lambda: tk.build_w_eff(w, a, b, 2.0, out=out)))
+            print(f"{name:<8} " + " ".join(f"{ms:7.3f} ({gb / ms * 1e3:5.0f})" for ms in cells))
+    finally:
+        tk.W_EFF_CONFIG.clear()
+        tk.W_EFF_CONFIG.update(configured)
 
 
 def grads(T: int = 8192, r: int = 16) -> None:
@@ -203,4 +235,4 @@ def masked(T: int = 8192, r: int = 16) -> None:
 if __name__ == "__main__":
     import sys
 
-    {"--kernels": kernels, "--grads": grads, "--gated": gated, "--masked": masked}.get(sys.argv[-1], main)()
+    {"--kernels": kernels, "--grads": grads, "--gated": gated, "--masked": masked, "--w-eff": w_eff}.get(sys.argv[-1], main)()

@@ -52,6 +52,9 @@ if triton is not None:
         tl.store(OUT + rm[:, None] * s_o0 + rn[None, :] * s_o1, out.to(OUT.dtype.element_ty), mask=m_ok & n_ok)
 
 
+W_EFF_CONFIG = {"BM": 64, "BN": 128, "num_warps": 4}  # the W + s·B·A kernel's tile (micro_lora_ops.py --w-eff)
+
+
 def build_w_eff(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, out: Tensor | None = None,
                 use_kernel: bool | None = None) -> Tensor:
     """W + s·B·A in W's dtype. weight (out, in), lora_A (r, in), lora_B (out, r).
@@ -74,11 +77,11 @@ def build_w_eff(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, ou
     a = lora_A.to(weight.dtype) if half else lora_A.float()
     b = lora_B.to(weight.dtype) if half else lora_B.float()
     br = max(16, triton.next_power_of_2(r))
-    bm, bn = 64, 128
+    bm, bn, warps = W_EFF_CONFIG["BM"], W_EFF_CONFIG["BN"], W_EFF_CONFIG["num_warps"]
     grid = (triton.cdiv(n_out, bm), triton.cdiv(n_in, bn))
     _w_eff_kernel[grid](weight, a, b, out, n_out, n_in, r, float(scale),
                         weight.stride(0), weight.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                        out.stride(0), out.stride(1), BM=bm, BN=bn, BR=br, IEEE=not half)
+                        out.stride(0), out.stride(1), BM=bm, BN=bn, BR=br, IEEE=not half, num_warps=warps)
     return out
 
 
