@@ -31,7 +31,7 @@ KINDS = [
     ("lorakit W_eff", r"^_w_eff_kernel"),
     ("lorakit dropout kernels", r"^_masked_|^_train_expand_add_kernel"),
     ("lorakit gated-MLP kernels", r"^_gated_"),
-    ("lorakit mixed-batch kernels", r"^_shrink_kernel|^_expand|^_grouped_decode"),
+    ("lorakit mixed-batch kernels", r"^_shrink_kernel|^_expand|^_grouped_expand"),
     ("copies and casts", r"copy|cast|convert|Memcpy|Memset|fill"),
     ("optimizer", r"adam|multi_tensor|foreach"),
     ("reductions", r"reduce|sum|norm"),
