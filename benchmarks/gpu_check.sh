@@ -9,6 +9,8 @@
 #   bash benchmarks/gpu_check.sh 5 [OUT_DIR]   # compiled lorakit at r = 64 (floor: part 2's), compiled 4 x 2048 (<= 8.7 min)
 #   bash benchmarks/gpu_check.sh 6 [OUT_DIR]   # bf16 GPU tests, inference with PEFT alongside (<= 8.4 min)
 #   bash benchmarks/gpu_check.sh 7 [OUT_DIR]   # bf16 GPU tests, eager and graphed steps, eager and compiled (4-block) profiles (<= 9.2 min)
+#   bash benchmarks/gpu_check.sh 8 [OUT_DIR]   # bf16 GPU tests (with the W + s·B·A kernel tests), inference with PEFT,
+#                                              # eager and graphed steps with the cast-first control (<= 9.2 min)
 #
 # Logs and JSON rows go to OUT_DIR (default: $OUT, else gpu-check/); each step's table is
 # printed as it finishes.
@@ -73,7 +75,14 @@ elif [ "$part" = 7 ]; then
     step profile-eager 120 python profile_step.py --runs floor,lorakit:0,lorakit:0.1 --rows 20 --out "$out/profile"
     step profile-compiled 150 python profile_step.py --runs floor:0:compiled,lorakit:0:compiled,lorakit:0.1:compiled \
         --layers 4 --rows 30 --out "$out/profile-compiled"
+elif [ "$part" = 8 ]; then
+    step gpu-tests 170 bash -c "python -m pytest -q -p no:cacheprovider tests/test_gpu.py; \
+        python -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py -k 'w_eff or half_forward'"
+    cd benchmarks
+    step infer 260 python infer.py --reps 10 --decode-steps 64 --peft-decode-steps 16 --json "$out/infer.json"
+    step train-eager-graphed 115 python train_step.py --modes eager,graphed --methods floor,lorakit,lorakit-cast-first \
+        --dropouts 0,0.1 --json "$out/train-eager-graphed.json"
 else
-    echo "usage: bash benchmarks/gpu_check.sh 1|2|3|4|5|6|7 [OUT_DIR]" >&2
+    echo "usage: bash benchmarks/gpu_check.sh 1|2|3|4|5|6|7|8 [OUT_DIR]" >&2
     exit 2
 fi

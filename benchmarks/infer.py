@@ -24,6 +24,7 @@ falls on all of them alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -84,18 +85,27 @@ def timed(fns: dict, warm: int, reps: int, rounds: int = 5) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def graphed_times(fns: dict, reps: int, warm: int = 3) -> dict:
-    """Median seconds of each `fns[name]()` replayed from one CUDA graph: the GPU's own cost,
-    with no host launches. A function that cannot be captured is left out, with a line why."""
-    out = {}
-    for name, fn in fns.items():
-        try:
-            graph = capture(fn, warm)
-            out[name] = statistics.median(replay_times(graph, reps, warm))
-            del graph
-        except Exception as exc:  # say why and keep the other rows
-            print(f"# graphed {name} failed: {type(exc).__name__}: {exc}"[:400], file=sys.stderr)
-    return out
+def graphed_times(fns: dict, reps: int, rounds: int = 5, warm: int = 2, contexts: dict | None = None) -> dict:
+    """Median seconds of each `fns[name]()` replayed from a CUDA graph: the GPU's own cost, with
+    no host launches. Interleaved as in `timed`: each of `rounds` rounds captures every function
+    anew (inside `contexts[name]()`, if given, which stays open while its graph replays) and
+    replays it `reps // rounds` times, so drift of the GPU's clocks falls on all alike. A
+    function that cannot be captured is left out, with a line why."""
+    contexts = contexts or {}
+    samples: dict = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if samples[name] is None:
+                continue
+            try:
+                with contexts.get(name, contextlib.nullcontext)():
+                    graph = capture(fn, warm)
+                    samples[name] += replay_times(graph, max(1, reps // rounds), 1)
+                    del graph
+            except Exception as exc:  # say why and keep the other rows
+                print(f"# graphed {name} failed: {type(exc).__name__}: {exc}"[:400], file=sys.stderr)
+                samples[name] = None
+    return {name: statistics.median(t) for name, t in samples.items() if t}
 
 
 def prefill(model, ids, **kw):
@@ -203,10 +213,23 @@ def main() -> None:
         with lorakit.route(lk, prefill_rows):
             prefill(lk, ids)
 
+    from lorakit.ops import triton_kernels as tk
+
+    def cast_first():
+        """The unmerged adapter with A and B cast to bf16 in launches of their own before the
+        W + s·B·A kernel, as before the kernel read float32 factors itself (a control)."""
+        real = tk.build_w_eff
+        tk.build_w_eff = lambda w, a, b, s, **k: real(w, a.to(w.dtype), b.to(w.dtype), s, **k)
+        try:
+            return prefill(lk, ids)
+        finally:
+            tk.build_w_eff = real
+
     runs = {"base": lambda: prefill(base, ids), "base, second copy": lambda: prefill(base2, ids),
             "merged weights, plain model": lambda: prefill(plain_merged, ids),
             "lorakit merged": lambda: prefill(merged, ids),
-            "lorakit 1 adapter unmerged": lambda: prefill(lk, ids), "lorakit 16 adapters (route)": mixed_prefill}
+            "lorakit 1 adapter unmerged": lambda: prefill(lk, ids),
+            "lorakit 1 adapter, A and B cast first": cast_first, "lorakit 16 adapters (route)": mixed_prefill}
     pm = None
     if not args.skip_peft:
         import peft
@@ -222,11 +245,13 @@ def main() -> None:
     for run, seconds in timed(runs, 3, args.reps).items():
         add("prefill", run, seconds)
     if not args.skip_graphs:
-        graphed = graphed_times({k: runs[k] for k in ("base", "base, second copy", "merged weights, plain model",
-                                                      "lorakit merged", "lorakit 1 adapter unmerged")},
-                                args.reps)
-        with lorakit.route(lk, prefill_rows):  # one context for warm-up and capture: its index tensors exist
-            graphed.update(graphed_times({"lorakit 16 adapters (route)": lambda: prefill(lk, ids)}, args.reps))
+        graph_fns = {k: runs[k] for k in ("base", "base, second copy", "merged weights, plain model",
+                                          "lorakit merged", "lorakit 1 adapter unmerged",
+                                          "lorakit 1 adapter, A and B cast first")}
+        graph_fns["lorakit 16 adapters (route)"] = lambda: prefill(lk, ids)
+        # one route context for warm-up, capture and replays: the index tensors the graph reads stay alive
+        graphed = graphed_times(graph_fns, args.reps,
+                                contexts={"lorakit 16 adapters (route)": lambda: lorakit.route(lk, prefill_rows)})
         for run, seconds in graphed.items():
             add("prefill, CUDA graph", run, seconds)
     if pm is not None:
@@ -281,11 +306,19 @@ def main() -> None:
             cfg = dict(zip(("BN", "num_warps"), map(int, spec.split(":"))))
             graph_runs.append((f"lorakit 16 adapters, grouped BN={cfg['BN']} warps={cfg['num_warps']}",
                                forced(graphed_mixed, GROUP_CONFIG=cfg)))
-        for run, fn in graph_runs:
-            try:
-                add("decode, CUDA graph", run, fn())
-            except Exception as exc:  # say why and keep the other rows
-                print(f"# graphed decode of {run} failed: {type(exc).__name__}: {exc}"[:400], file=sys.stderr)
+        graph_samples = {run: [] for run, _ in graph_runs}
+        for _ in range(3):  # interleaved, as in `timed`; each run captures its own graph and cache
+            for run, fn in graph_runs:
+                if graph_samples[run] is None:
+                    continue
+                try:
+                    graph_samples[run].append(fn())
+                except Exception as exc:  # say why and keep the other rows
+                    print(f"# graphed decode of {run} failed: {type(exc).__name__}: {exc}"[:400], file=sys.stderr)
+                    graph_samples[run] = None
+        for run, t in graph_samples.items():
+            if t:
+                add("decode, CUDA graph", run, statistics.median(t))
 
     if args.json:
         with open(args.json, "w") as f:

@@ -71,18 +71,27 @@ def measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: bo
     """One run. "lorakit-opaque" has torch.compile call lorakit's nodes as opaque custom ops
     (fused.COMPILE_AS_CUSTOM_OPS) instead of tracing through them; "lorakit-keep-weff" keeps
     W + s·B·A from forward for backward (fused.SAVE_W_EFF); "lorakit-torch-gated" runs the
-    gated MLP's elementwise work with torch ops instead of lorakit's kernels (as before them)."""
+    gated MLP's elementwise work with torch ops instead of lorakit's kernels (as before them);
+    "lorakit-cast-first" casts float32 A and B to bf16 in two launches of their own before the
+    W + s·B·A kernel (as before that kernel wrote the casts itself)."""
     from lorakit.ops import fused
 
-    defaults = fused.COMPILE_AS_CUSTOM_OPS, fused.SAVE_W_EFF, fused._gated_kernels
+    tk = fused.tk
+    defaults = fused.COMPILE_AS_CUSTOM_OPS, fused.SAVE_W_EFF, fused._gated_kernels, tk.build_w_eff_casts
     fused.COMPILE_AS_CUSTOM_OPS = method == "lorakit-opaque"
     fused.SAVE_W_EFF = method == "lorakit-keep-weff"
     if method == "lorakit-torch-gated":
         fused._gated_kernels = lambda g, u, act: False
+    if method == "lorakit-cast-first":
+        def cast_first(weight, lora_A, lora_B, scale, use_kernel=None):
+            a, b = lora_A.to(weight.dtype), lora_B.to(weight.dtype)
+            return tk.build_w_eff(weight, a, b, scale, use_kernel=use_kernel), a, b
+
+        tk.build_w_eff_casts = cast_first
     try:
         return _measure(method, bs, seq, r, dropout, compiled, steps, warm)
     finally:
-        fused.COMPILE_AS_CUSTOM_OPS, fused.SAVE_W_EFF, fused._gated_kernels = defaults
+        fused.COMPILE_AS_CUSTOM_OPS, fused.SAVE_W_EFF, fused._gated_kernels, tk.build_w_eff_casts = defaults
 
 
 def _measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: bool | str, steps: int,

@@ -47,6 +47,24 @@ def test_w_eff(dtype, n_out, n_in, r):
     assert torch.equal(tk.build_w_eff(wt, a, b, 0.7), got)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_out,n_in,r", [(70, 45, 5), (130, 300, 16), (33, 200, 1)])
+def test_w_eff_rounds_float32_factors_itself_and_can_write_them(dtype, n_out, n_in, r):
+    """float32 A and B go into the kernel as they are: the same bits as casting them first,
+    and `build_w_eff_casts` hands back those rounded copies, written by the kernel (every tile)."""
+    w, a, b = rand(n_out, n_in, dtype=dtype, seed=3), rand(r, n_in, seed=4), rand(n_out, r, seed=5)
+    half = dtype != torch.float32
+    pre = tk.build_w_eff(w, a.to(dtype), b.to(dtype), 0.7) if half else tk.build_w_eff(w, a, b, 0.7)
+    assert torch.equal(tk.build_w_eff(w, a, b, 0.7), pre)
+    w_eff, a2, b2 = tk.build_w_eff_casts(w, a, b, 0.7)
+    assert torch.equal(w_eff, pre)
+    assert a2.dtype == b2.dtype == dtype
+    assert torch.equal(a2, a.to(dtype)) and torch.equal(b2, b.to(dtype))
+    # the torch twin (use_kernel=False) rounds the same way
+    w_t, a_t, b_t = tk.build_w_eff_casts(w, a, b, 0.7, use_kernel=False)
+    assert torch.equal(a_t, a2) and torch.equal(b_t, b2) and rel(w_t, w_eff) < TOL[dtype] / 10
+
+
 def test_mask_is_reproducible_and_drops_p():
     m1 = tk.dropout_keep_mask((300, 70), 0.25, 5, DEVICE)
     assert torch.equal(m1, tk.dropout_keep_mask((300, 70), 0.25, 5, DEVICE))
@@ -88,6 +106,35 @@ def test_fused_function_with_kernels_matches_reference(p):
         assert rel(y, yr) < 1e-5
         for g1, g2 in zip(torch.autograd.grad(y, (x, a, b), dy), torch.autograd.grad(yr, (x, a, b), dy)):
             assert rel(g1, g2) < 1e-5
+    finally:
+        fused.use_kernels_on_cpu(False)
+
+
+def test_fused_half_forward_takes_float32_adapters_without_casts():
+    """Half compute, float32 adapters, no dropout: forward's A and B in the compute dtype come out of
+    the W + s·B·A kernel (the same bits as .to()), and the node's outputs and gradients match the
+    reference within half-precision tolerance."""
+    fused.use_kernels_on_cpu(True)
+    try:
+        ht = torch.float16
+        x2, w = rand(21, 40, dtype=ht, seed=4), rand(24, 40, dtype=ht, seed=5)
+        a, b = rand(4, 40, seed=7), rand(24, 4, seed=8)
+        y, h, a2, b2, w_eff = fused._forward(x2, w, None, a, b, 0.5, 0.0, None)
+        assert a2.dtype == b2.dtype == ht and torch.equal(a2, a.to(ht)) and torch.equal(b2, b.to(ht))
+        assert torch.equal(w_eff, tk.build_w_eff(w, a.to(ht), b.to(ht), 0.5))
+        x = x2.reshape(3, 7, 40).detach().requires_grad_(True)
+        a.requires_grad_(True), b.requires_grad_(True)
+        y = fused.lora_linear(x, w, None, a, b, 0.5, 0.0, training=True)
+        xd = x.detach().double().requires_grad_(True)
+        ad, bd = a.detach().double().requires_grad_(True), b.detach().double().requires_grad_(True)
+        yr = ref.lora_linear(xd, w.double(), None, ad, bd, 0.5)
+        dy = torch.randn(yr.shape, dtype=torch.float64)
+        assert y.dtype == ht and rel(y, yr) < TOL[ht]
+        got = torch.autograd.grad(y, (x, a, b), dy.to(ht))
+        want = torch.autograd.grad(yr, (xd, ad, bd), dy)
+        assert got[1].dtype == got[2].dtype == torch.float32
+        for g1, g2 in zip(got, want):
+            assert rel(g1, g2) < TOL[ht]
     finally:
         fused.use_kernels_on_cpu(False)
 

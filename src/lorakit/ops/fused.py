@@ -145,13 +145,17 @@ def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lo
     """
     ct = x2.dtype
     n_out, n_in = weight.shape
-    a, b = lora_A.to(ct), lora_B.to(ct)
     kernels = _kernels(x2)
     bias = None if bias is None else bias.to(ct)
     if p == 0.0:
-        w_eff = torch.empty(n_out, n_in, dtype=ct, device=x2.device)  # (out, in)
-        tk.build_w_eff(weight, a, b, scale, out=w_eff, use_kernel=kernels)
+        if weight.dtype == ct:  # the kernel rounds A and B to ct as it reads them: no cast launches
+            w_eff, a, b = tk.build_w_eff_casts(weight, lora_A, lora_B, scale, use_kernel=kernels)  # (out, in)
+        else:
+            a, b = lora_A.to(ct), lora_B.to(ct)
+            w_eff = torch.empty(n_out, n_in, dtype=ct, device=x2.device)  # (out, in)
+            tk.build_w_eff(weight, a, b, scale, out=w_eff, use_kernel=kernels)
         return torch.nn.functional.linear(x2, w_eff, bias), _scaled_mm(x2, a.T, scale), a, b, w_eff  # (T, out), (T, r)
+    a, b = lora_A.to(ct), lora_B.to(ct)
     y = torch.nn.functional.linear(x2, weight.to(ct), bias)
     if kernels:
         h = tk.masked_shrink(x2, a, p, seed, scale)  # (T, r), mask made and dropped in-kernel
@@ -499,12 +503,13 @@ def lora_linear_inference(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A
     n_out, n_in = weight.shape
     x2 = x.reshape(-1, n_in)  # (T, in)
     ct = x2.dtype
-    a, b = lora_A.to(ct), lora_B.to(ct)
     bias = None if bias is None else bias.to(ct)
     if base is None and x2.shape[0] * (n_in + 2 * n_out) > 2 * n_in * n_out:
-        w_eff = tk.build_w_eff(weight.to(ct), a, b, scale, use_kernel=_kernels(x2))
+        # A and B go in as they are: the kernel (or its torch twin) rounds them to ct itself.
+        w_eff = tk.build_w_eff(weight.to(ct), lora_A, lora_B, scale, use_kernel=_kernels(x2))
         y = torch.nn.functional.linear(x2, w_eff, bias)
     else:
+        a, b = lora_A.to(ct), lora_B.to(ct)
         y = torch.nn.functional.linear(x2, weight.to(ct), bias) if base is None else base(x2)
         y.addmm_(x2 @ a.T, b.T, alpha=scale)  # (T, out), in place
     return y.view(*x.shape[:-1], n_out)

@@ -30,10 +30,14 @@ def triton_usable(t: Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _w_eff_kernel(W, A, B, OUT, n_out, n_in, r, scale,
+    def _w_eff_kernel(W, A, B, OUT, A_OUT, B_OUT, n_out, n_in, r, scale,
                       s_w0, s_w1, s_a0, s_a1, s_b0, s_b1, s_o0, s_o1,
-                      BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
+                      BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr,
+                      WRITE_AB: tl.constexpr):
         # OUT[m, n] = W[m, n] + scale · Σ_k B[m, k] · A[k, n]; one (BM, BN) tile per program.
+        # A and B are read in their own dtype and rounded to W's (half W) before the product,
+        # the same bits as casting them first; with WRITE_AB the rounded copies are stored too
+        # (A_OUT (r, in) by the first row of programs, B_OUT (out, r) by the first column).
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rm = pid_m * BM + tl.arange(0, BM)
@@ -41,12 +45,21 @@ if triton is not None:
         rk = tl.arange(0, BR)
         m_ok = rm[:, None] < n_out
         n_ok = rn[None, :] < n_in
-        b = tl.load(B + rm[:, None] * s_b0 + rk[None, :] * s_b1, mask=m_ok & (rk[None, :] < r), other=0.0)
-        a = tl.load(A + rk[:, None] * s_a0 + rn[None, :] * s_a1, mask=(rk[:, None] < r) & n_ok, other=0.0)
+        b_ok = m_ok & (rk[None, :] < r)
+        a_ok = (rk[:, None] < r) & n_ok
+        b = tl.load(B + rm[:, None] * s_b0 + rk[None, :] * s_b1, mask=b_ok, other=0.0)
+        a = tl.load(A + rk[:, None] * s_a0 + rn[None, :] * s_a1, mask=a_ok, other=0.0)
         if IEEE:
-            acc = tl.dot(b, a, input_precision="ieee")  # (BM, BN) float32
+            acc = tl.dot(b.to(tl.float32), a.to(tl.float32), input_precision="ieee")  # (BM, BN) float32
         else:
+            b = b.to(W.dtype.element_ty)
+            a = a.to(W.dtype.element_ty)
             acc = tl.dot(b, a)
+        if WRITE_AB:
+            if pid_n == 0:
+                tl.store(B_OUT + rm[:, None] * r + rk[None, :], b.to(B_OUT.dtype.element_ty), mask=b_ok)
+            if pid_m == 0:
+                tl.store(A_OUT + rk[:, None] * n_in + rn[None, :], a.to(A_OUT.dtype.element_ty), mask=a_ok)
         w = tl.load(W + rm[:, None] * s_w0 + rn[None, :] * s_w1, mask=m_ok & n_ok, other=0.0)
         out = w.to(tl.float32) + scale * acc
         tl.store(OUT + rm[:, None] * s_o0 + rn[None, :] * s_o1, out.to(OUT.dtype.element_ty), mask=m_ok & n_ok)
@@ -59,29 +72,52 @@ def build_w_eff(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, ou
                 use_kernel: bool | None = None) -> Tensor:
     """W + s·B·A in W's dtype. weight (out, in), lora_A (r, in), lora_B (out, r).
 
-    The product is accumulated in float32 (float64 for float64 weights) and added to W
+    For a half-precision W, A and B are first rounded to W's dtype (the kernel reads them
+    in their own dtype and rounds them itself, so float32 adapters cost no cast launches);
+    the product is accumulated in float32 (float64 for float64 weights) and added to W
     before the one rounding. `out` (optional) receives the result and may be a slice of
     a larger buffer. `use_kernel` (default: wherever Triton can run) picks the kernel
     or the same arithmetic in torch.
     """
+    return _w_eff(weight, lora_A, lora_B, scale, out, use_kernel, None)
+
+
+def build_w_eff_casts(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float,
+                      use_kernel: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(W + s·B·A, A, B) with A and B in W's dtype: `build_w_eff`'s result plus the rounded
+    adapters, which the kernel writes as it reads them (no separate cast launches)."""
+    dtype = weight.dtype
+    if lora_A.dtype == dtype and lora_B.dtype == dtype:
+        return _w_eff(weight, lora_A, lora_B, scale, None, use_kernel, None), lora_A, lora_B
+    if dtype not in (torch.float16, torch.bfloat16) or not (triton_usable(weight) if use_kernel is None else use_kernel):
+        a, b = lora_A.to(dtype), lora_B.to(dtype)
+        return _w_eff(weight, a, b, scale, None, use_kernel, None), a, b
+    a = torch.empty(lora_A.shape, dtype=dtype, device=weight.device)
+    b = torch.empty(lora_B.shape, dtype=dtype, device=weight.device)
+    return _w_eff(weight, lora_A, lora_B, scale, None, True, (a, b)), a, b
+
+
+def _w_eff(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, out: Tensor | None,
+           use_kernel: bool | None, casts: tuple[Tensor, Tensor] | None) -> Tensor:
     n_out, n_in = weight.shape
     r = lora_A.shape[0]
+    half = weight.dtype in (torch.float16, torch.bfloat16)
     if not (triton_usable(weight) if use_kernel is None else use_kernel):
         acc = torch.promote_types(weight.dtype, torch.float32)
+        if half:  # the kernel's rounding of the factors
+            lora_A, lora_B = lora_A.to(weight.dtype), lora_B.to(weight.dtype)
         w_eff = torch.addmm(weight.to(acc), lora_B.to(acc), lora_A.to(acc), alpha=scale)
         return w_eff.to(weight.dtype) if out is None else out.copy_(w_eff)
     if out is None:
         out = torch.empty_like(weight, memory_format=torch.contiguous_format)
-    half = weight.dtype in (torch.float16, torch.bfloat16)
-    # Half-precision factors feed the tensor cores; float32 ones use exact float32 products.
-    a = lora_A.to(weight.dtype) if half else lora_A.float()
-    b = lora_B.to(weight.dtype) if half else lora_B.float()
+    a_out, b_out = casts if casts is not None else (out, out)  # unused without WRITE_AB
     br = max(16, triton.next_power_of_2(r))
     bm, bn, warps = W_EFF_CONFIG["BM"], W_EFF_CONFIG["BN"], W_EFF_CONFIG["num_warps"]
     grid = (triton.cdiv(n_out, bm), triton.cdiv(n_in, bn))
-    _w_eff_kernel[grid](weight, a, b, out, n_out, n_in, r, float(scale),
-                        weight.stride(0), weight.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                        out.stride(0), out.stride(1), BM=bm, BN=bn, BR=br, IEEE=not half, num_warps=warps)
+    _w_eff_kernel[grid](weight, lora_A, lora_B, out, a_out, b_out, n_out, n_in, r, float(scale),
+                        weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0),
+                        lora_B.stride(1), out.stride(0), out.stride(1), BM=bm, BN=bn, BR=br, IEEE=not half,
+                        WRITE_AB=casts is not None, num_warps=warps)
     return out
 
 
