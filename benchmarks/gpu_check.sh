@@ -11,6 +11,11 @@
 #   bash benchmarks/gpu_check.sh 7 [OUT_DIR]   # bf16 GPU tests, eager and graphed steps, eager and compiled (4-block) profiles (<= 9.2 min)
 #   bash benchmarks/gpu_check.sh 8 [OUT_DIR]   # bf16 GPU tests (with the W + s·B·A kernel tests), inference with PEFT,
 #                                              # eager and graphed steps with the cast-first control (<= 9.2 min)
+#   bash benchmarks/gpu_check.sh 9 [OUT_DIR]   # bf16 GPU tests, inference with PEFT and graphed_generate, host cost
+#                                              # per call with a profile of a LoRA layer's host time (<= 9.4 min)
+#   bash benchmarks/gpu_check.sh 10 [OUT_DIR]  # bf16 GPU tests, one graphed decode step captured several ways,
+#                                              # eager and graphed steps with the cast-first control (<= 8 min)
+#   bash benchmarks/gpu_check.sh 11 [OUT_DIR]  # compiled floor and lorakit, dropout 0 and 0.1 (<= 9.5 min)
 #
 # Logs and JSON rows go to OUT_DIR (default: $OUT, else gpu-check/); each step's table is
 # printed as it finishes.
@@ -82,7 +87,24 @@ elif [ "$part" = 8 ]; then
     step infer 260 python infer.py --reps 10 --decode-steps 64 --peft-decode-steps 16 --json "$out/infer.json"
     step train-eager-graphed 115 python train_step.py --modes eager,graphed --methods floor,lorakit,lorakit-cast-first \
         --dropouts 0,0.1 --json "$out/train-eager-graphed.json"
+elif [ "$part" = 9 ]; then
+    step gpu-tests 200 bash -c "python -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py -k half_forward; \
+        python -m pytest -q -p no:cacheprovider tests/test_gpu.py"
+    cd benchmarks
+    step infer 300 python infer.py --reps 10 --decode-steps 64 --peft-decode-steps 16 --json "$out/infer.json"
+    step host-cost 60 python host_cost.py --profile
+elif [ "$part" = 10 ]; then
+    step gpu-tests 200 bash -c "python -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
+        -k 'half_forward or round'; python -m pytest -q -p no:cacheprovider tests/test_gpu.py"
+    cd benchmarks
+    step decode-check 120 python decode_check.py
+    step train-eager-graphed 150 python train_step.py --modes eager,graphed --methods floor,lorakit,lorakit-cast-first \
+        --dropouts 0,0.1 --json "$out/train-eager-graphed.json"
+elif [ "$part" = 11 ]; then
+    cd benchmarks
+    step train-compiled 570 python train_step.py --modes compiled --methods floor,lorakit --dropouts 0,0.1 \
+        --json "$out/train-compiled.json"
 else
-    echo "usage: bash benchmarks/gpu_check.sh 1|2|3|4|5|6|7|8 [OUT_DIR]" >&2
+    echo "usage: bash benchmarks/gpu_check.sh 1|...|11 [OUT_DIR]" >&2
     exit 2
 fi

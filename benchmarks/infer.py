@@ -11,7 +11,8 @@ one after another in this one process on the same inputs:
 - decode with a KV cache, batch 64 (16 adapters, 4 rows each), 128 new tokens after a
   32-token prompt, greedy: time per step for base, lorakit mixed and PEFT mixed;
 - the same decode with each step replayed from one CUDA graph (static KV cache), for base
-  and lorakit mixed: the GPU's own cost of a step, with no host launches.
+  and lorakit mixed: the GPU's own cost of a step, with no host launches; once captured
+  here step by step, and once through the shipped helper `lorakit.graphed_generate`.
 
 Each run has its own copy of the model (base, lorakit with 16 adapters, lorakit merged,
 PEFT). Times: medians after warm-up, CUDA-synchronised wall clock; the runs of each kind
@@ -320,14 +321,41 @@ def main() -> None:
             if t:
                 add("decode, CUDA graph", run, statistics.median(t))
 
+    if not args.skip_graphs:
+        # The shipped helper, lorakit.graphed_generate: prefill, two eager warm-up steps, capture, replays.
+        # Per step: the difference of two lengths (lo and hi new tokens) over hi - lo, so prefill,
+        # warm-up and capture cancel; "whole call" is the longer call's time over its new tokens.
+        lo, hi = 16, 16 + args.decode_steps
+
+        def generate_call(model, rows_, n):
+            with lorakit.route(model, rows_) if rows_ else contextlib.nullcontext():
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                lorakit.graphed_generate(model, prompt, max_new_tokens=n, pad_token_id=0, eos_token_id=[])
+                torch.cuda.synchronize()
+                return time.perf_counter() - t0
+
+        helper_runs = {"base": (base, None), "lorakit 16 adapters (route)": (lk, decode_rows)}
+        for model_, rows_ in helper_runs.values():
+            generate_call(model_, rows_, 4)  # warm-up
+        got = {run: ([], []) for run in helper_runs}
+        for _ in range(3):  # interleaved, as in `timed`
+            for run, (model_, rows_) in helper_runs.items():
+                short, long_ = generate_call(model_, rows_, lo), generate_call(model_, rows_, hi)
+                got[run][0].append((long_ - short) / (hi - lo))
+                got[run][1].append(long_ / hi)
+        for run, (per_step, whole) in got.items():
+            add("decode, lorakit.graphed_generate", run, statistics.median(per_step))
+            add("decode, graphed_generate whole call", run, statistics.median(whole))
+
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     base_ms = {r["kind"]: r["ms"] for r in rows if r["run"] == "base"}
-    print(f"\n{'work':<18} {'run':<58} {'ms':>9} {'× base':>7}")
+    print(f"\n{'work':<36} {'run':<50} {'ms':>9} {'× base':>7}")
     for r in rows:
         ratio = f"{r['ms'] / base_ms[r['kind']]:>7.2f}" if r["kind"] in base_ms else "      -"
-        print(f"{r['kind']:<18} {r['run']:<58} {r['ms']:>9.3f} {ratio}")
+        print(f"{r['kind']:<36} {r['run']:<50} {r['ms']:>9.3f} {ratio}")
     print("(prefill: ms per forward of 16 × 512; decode: ms per step of 64 rows)")
 
 

@@ -72,26 +72,36 @@ def measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: bo
     (fused.COMPILE_AS_CUSTOM_OPS) instead of tracing through them; "lorakit-keep-weff" keeps
     W + s·B·A from forward for backward (fused.SAVE_W_EFF); "lorakit-torch-gated" runs the
     gated MLP's elementwise work with torch ops instead of lorakit's kernels (as before them);
-    "lorakit-cast-first" casts float32 A and B to bf16 in two launches of their own before the
-    W + s·B·A kernel (as before that kernel wrote the casts itself)."""
+    "lorakit-cast-first" casts float32 A and B to bf16 in launches of their own before the
+    kernels that read them (W + s·B·A; with dropout, the masked shrink and the expand), as
+    before those kernels rounded them themselves."""
     from lorakit.ops import fused
 
     tk = fused.tk
-    defaults = fused.COMPILE_AS_CUSTOM_OPS, fused.SAVE_W_EFF, fused._gated_kernels, tk.build_w_eff_casts
+    kernels = ("build_w_eff_casts", "masked_shrink", "expand_add_")
+    defaults = (fused.COMPILE_AS_CUSTOM_OPS, fused.SAVE_W_EFF, fused._gated_kernels,
+                {k: getattr(tk, k) for k in kernels})
     fused.COMPILE_AS_CUSTOM_OPS = method == "lorakit-opaque"
     fused.SAVE_W_EFF = method == "lorakit-keep-weff"
     if method == "lorakit-torch-gated":
         fused._gated_kernels = lambda g, u, act: False
     if method == "lorakit-cast-first":
-        def cast_first(weight, lora_A, lora_B, scale, use_kernel=None):
+        real = defaults[3]
+
+        def w_eff_cast_first(weight, lora_A, lora_B, scale, use_kernel=None):
             a, b = lora_A.to(weight.dtype), lora_B.to(weight.dtype)
             return tk.build_w_eff(weight, a, b, scale, use_kernel=use_kernel), a, b
 
-        tk.build_w_eff_casts = cast_first
+        tk.build_w_eff_casts = w_eff_cast_first
+        tk.masked_shrink = lambda x2, a, p, seed, scale=1.0, a_out=None: real["masked_shrink"](
+            x2, a.to(x2.dtype), p, seed, scale, a_out)
+        tk.expand_add_ = lambda y, h, b, b_out=None: real["expand_add_"](y, h, b.to(h.dtype), b_out)
     try:
         return _measure(method, bs, seq, r, dropout, compiled, steps, warm)
     finally:
-        fused.COMPILE_AS_CUSTOM_OPS, fused.SAVE_W_EFF, fused._gated_kernels, tk.build_w_eff_casts = defaults
+        fused.COMPILE_AS_CUSTOM_OPS, fused.SAVE_W_EFF, fused._gated_kernels = defaults[:3]
+        for k, fn in defaults[3].items():
+            setattr(tk, k, fn)
 
 
 def _measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: bool | str, steps: int,

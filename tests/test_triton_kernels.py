@@ -110,25 +110,46 @@ def test_fused_function_with_kernels_matches_reference(p):
         fused.use_kernels_on_cpu(False)
 
 
-def test_fused_half_forward_takes_float32_adapters_without_casts():
-    """Half compute, float32 adapters, no dropout: forward's A and B in the compute dtype come out of
-    the W + s·B·A kernel (the same bits as .to()), and the node's outputs and gradients match the
-    reference within half-precision tolerance."""
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+@pytest.mark.parametrize("T,n,r", [(70, 45, 5), (200, 300, 16)])
+def test_dropout_kernels_round_float32_factors_and_can_write_them(dtype, T, n, r):
+    """The masked shrink and the in-place expand read float32 A and B as they are: the same
+    result as casting them first, and with a_out / b_out they hand back those rounded copies."""
+    x, a, b = rand(T, n, dtype=dtype, seed=1), rand(r, n, seed=2), rand(n, r, seed=3)
+    h_pre = tk.masked_shrink(x, a.to(dtype), 0.25, 9, 0.5)
+    a_out = torch.full((r, n), float("nan"), dtype=dtype, device=DEVICE)
+    h = tk.masked_shrink(x, a, 0.25, 9, 0.5, a_out)
+    assert torch.equal(h, h_pre) and torch.equal(a_out, a.to(dtype))
+    y = rand(T, n, dtype=dtype, seed=4)
+    y_pre = tk.expand_add_(y.clone(), h, b.to(dtype))
+    b_out = torch.full((n, r), float("nan"), dtype=dtype, device=DEVICE)
+    assert torch.equal(tk.expand_add_(y, h, b, b_out), y_pre) and torch.equal(b_out, b.to(dtype))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_fused_half_forward_takes_float32_adapters_without_casts(p):
+    """Half compute, float32 adapters: forward's A and B in the compute dtype come out of the
+    kernels that read them (the W + s·B·A kernel; with dropout, the masked shrink and the expand),
+    the same bits as .to(); the node's outputs and gradients match the reference within
+    half-precision tolerance."""
     fused.use_kernels_on_cpu(True)
     try:
         ht = torch.float16
         x2, w = rand(21, 40, dtype=ht, seed=4), rand(24, 40, dtype=ht, seed=5)
         a, b = rand(4, 40, seed=7), rand(24, 4, seed=8)
-        y, h, a2, b2, w_eff = fused._forward(x2, w, None, a, b, 0.5, 0.0, None)
+        seed = tk.seed_tensor(77, DEVICE) if p else None
+        y, h, a2, b2, w_eff = fused._forward(x2, w, None, a, b, 0.5, p, seed)
         assert a2.dtype == b2.dtype == ht and torch.equal(a2, a.to(ht)) and torch.equal(b2, b.to(ht))
-        assert torch.equal(w_eff, tk.build_w_eff(w, a.to(ht), b.to(ht), 0.5))
+        if not p:
+            assert torch.equal(w_eff, tk.build_w_eff(w, a.to(ht), b.to(ht), 0.5))
         x = x2.reshape(3, 7, 40).detach().requires_grad_(True)
         a.requires_grad_(True), b.requires_grad_(True)
-        y = fused.lora_linear(x, w, None, a, b, 0.5, 0.0, training=True)
+        y = fused.lora_linear(x, w, None, a, b, 0.5, p, training=True, seed=77)
         xd = x.detach().double().requires_grad_(True)
         ad, bd = a.detach().double().requires_grad_(True), b.detach().double().requires_grad_(True)
-        yr = ref.lora_linear(xd, w.double(), None, ad, bd, 0.5)
-        dy = torch.randn(yr.shape, dtype=torch.float64)
+        mask = tk.dropout_keep_mask((21, 40), p, 77, DEVICE).reshape(x.shape).double() / (1 - p) if p else 1.0
+        yr = torch.nn.functional.linear(xd, w.double()) + ((xd * mask) @ ad.T @ bd.T) * 0.5
+        dy = torch.randn(yr.shape, dtype=torch.float64, device=DEVICE)
         assert y.dtype == ht and rel(y, yr) < TOL[ht]
         got = torch.autograd.grad(y, (x, a, b), dy.to(ht))
         want = torch.autograd.grad(yr, (xd, ad, bd), dy)

@@ -7,6 +7,7 @@
 
 from lorakit.checkpoint import adapter_state_dict, load_adapter, read_config, save_adapter
 from lorakit.config import LoraConfig
+from lorakit.decode import graphed_generate
 from lorakit.inject import (
     ParameterCount,
     active_adapters,
@@ -43,6 +44,7 @@ __all__ = [
     "delete_adapter",
     "disable_adapters",
     "get_config",
+    "graphed_generate",
     "inject",
     "list_adapters",
     "load_adapter",

@@ -280,7 +280,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     summary = serve.generate(args.adapter, args.input, args.output, model=args.model, batch_size=args.batch_size,
                              max_new_tokens=args.max_new_tokens, prompt_field=args.prompt_field,
-                             adapter_field=args.adapter_field, temperature=args.temperature, seed=args.seed)
+                             adapter_field=args.adapter_field, temperature=args.temperature, seed=args.seed,
+                             cuda_graphs=args.cuda_graphs)
     print(f"lorakit generate: {summary}", file=sys.stderr)
     return 0
 
@@ -352,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, metavar="T",
                    help="sampling temperature; 0 (the default) is greedy decoding")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="decode with transformers' generate on a GPU too (by default greedy decoding on a GPU "
+                        "replays each step from a CUDA graph, lorakit.graphed_generate)")
     p.set_defaults(handler=cmd_generate)
     for name, summary in OPTIONAL_COMMANDS.items():
         module = _optional_command(name)

@@ -11,6 +11,7 @@ the input row with the results added.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sys
 import time
@@ -35,6 +36,8 @@ from lorakit.checkpoint import (
     read_json_object,
 )
 from lorakit.inject import SEQ_CLS_HEADS, check_adapter_name
+
+log = logging.getLogger("lorakit")
 
 TASK_TYPES = {"SEQ_CLS": "seq-cls", "CAUSAL_LM": "causal-lm"}  # adapter_config.json's task_type -> task
 # The output layer of a classification head in an adapter file: classifier / score, or
@@ -327,10 +330,14 @@ def predict(adapters: Sequence[str], input_file: str | Path, output: str | Path 
 def generate(adapters: Sequence[str], input_file: str | Path, output: str | Path | None = None, *,
              model: str | None = None, batch_size: int = 16, max_new_tokens: int = 64,
              prompt_field: str = "prompt", adapter_field: str = "adapter", temperature: float = 0.0,
-             seed: int = 0) -> Summary:
+             seed: int = 0, cuda_graphs: bool = True) -> Summary:
     """Continue each row's `prompt_field` with the adapter it names: greedy at temperature 0,
-    else sampled (seeded by `seed`). Each output row is the input row plus "completion"
-    (the new tokens only, decoded without special tokens)."""
+    else sampled (seeded by `seed`) by transformers' `generate`. Each output row is the input
+    row plus "completion" (the new tokens only, decoded without special tokens).
+
+    Greedy decoding on a GPU replays each step from a CUDA graph (`lorakit.graphed_generate`),
+    unless `cuda_graphs` is False; a model it cannot run that way falls back to `generate`,
+    with one log line saying why."""
     started = time.perf_counter()
     _check_settings(batch_size=batch_size, max_new_tokens=max_new_tokens, temperature=temperature)
     sources = resolve_adapters(adapters, "causal-lm", "generate")
@@ -343,12 +350,23 @@ def generate(adapters: Sequence[str], input_file: str | Path, output: str | Path
     device = next(net.parameters()).device
     torch.manual_seed(seed)
     loaded = time.perf_counter()
+    graphed = [cuda_graphs and temperature == 0 and device.type == "cuda"]  # turned off by a failure
 
     def step(batch: list[dict[str, Any]], _: list[str | None]) -> list[dict[str, Any]]:
         enc = tokenizer([r[prompt_field] for r in batch], padding=True, return_tensors="pt")
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # (B, T), left-padded
-        out = net.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                           pad_token_id=tokenizer.pad_token_id, **sampling)
+        out = None
+        if graphed[0]:
+            try:
+                out = lorakit.graphed_generate(net, ids, mask, max_new_tokens=max_new_tokens,
+                                               pad_token_id=tokenizer.pad_token_id)
+            except Exception as exc:  # a model without static-cache support, say: decode it the usual way
+                log.info("lorakit generate: CUDA-graph decoding failed (%s: %s); using transformers' generate",
+                         type(exc).__name__, exc)
+                graphed[0] = False
+        if out is None:
+            out = net.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                               pad_token_id=tokenizer.pad_token_id, **sampling)
         texts = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
         return [{"completion": t} for t in texts]
 

@@ -155,14 +155,18 @@ def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lo
             w_eff = torch.empty(n_out, n_in, dtype=ct, device=x2.device)  # (out, in)
             tk.build_w_eff(weight, a, b, scale, out=w_eff, use_kernel=kernels)
         return torch.nn.functional.linear(x2, w_eff, bias), _scaled_mm(x2, a.T, scale), a, b, w_eff  # (T, out), (T, r)
-    a, b = lora_A.to(ct), lora_B.to(ct)
     y = torch.nn.functional.linear(x2, weight.to(ct), bias)
     if kernels:
-        h = tk.masked_shrink(x2, a, p, seed, scale)  # (T, r), mask made and dropped in-kernel
+        # The kernels read A and B in their own dtype and write the copies rounded to ct that
+        # backward uses: no cast launches.
+        a = lora_A if lora_A.dtype == ct else torch.empty(lora_A.shape, dtype=ct, device=x2.device)
+        b = lora_B if lora_B.dtype == ct else torch.empty(lora_B.shape, dtype=ct, device=x2.device)
+        h = tk.masked_shrink(x2, lora_A, p, seed, scale, None if a is lora_A else a)  # (T, r), mask made in-kernel
         # The expand in place, in a Triton kernel: faster than cuBLAS's addmm_ here, and under the
         # compiler, which turns addmm_ into an out-of-place addmm that copies y first (0.18 ms a
         # Llama-1B block on an H200), it stays in place.
-        return tk.expand_add_(y, h, b), h, a, b, None
+        return tk.expand_add_(y, h, lora_B, None if b is lora_B else b), h, a, b, None
+    a, b = lora_A.to(ct), lora_B.to(ct)
     keep = _keep_mask(x2, p, seed) if keep is None else keep
     h = _scaled_mm(x2 * keep, a.T, scale / (1.0 - p))  # 1/(1-p) rides in the GEMM
     return y.addmm_(h, b.T), h, a, b, None  # (T, out)

@@ -188,11 +188,14 @@ if triton is not None:
         tl.store(OUT + rt[:, None] * n_in + rn[None, :], keep.to(tl.int8), mask=ok)
 
     @triton.jit
-    def _masked_shrink_kernel(X, A, H, T, n_in, r, SEED, p, mult,
+    def _masked_shrink_kernel(X, A, H, A_OUT, T, n_in, r, SEED, p, mult,
                               s_x0, s_x1, s_a0, s_a1, s_h0, s_h1,
-                              BT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
+                              BT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr,
+                              WRITE_A: tl.constexpr):
         # H[t, :] = mult · Σ_i keep(t, i)·X[t, i] · A[:, i], mult = s/(1-p); one block of BT rows per program.
         # mult scales the float32 sum once, so the dropped x enters the dot as it was loaded.
+        # A is read in its own dtype and rounded to x's; with WRITE_A the first program stores
+        # that rounded copy in A_OUT (r, in).
         rt = tl.program_id(0) * BT + tl.arange(0, BT)
         rr = tl.arange(0, BR)
         acc = tl.zeros((BT, BR), dtype=tl.float32)
@@ -202,8 +205,12 @@ if triton is not None:
             x = tl.load(X + rt[:, None] * s_x0 + rk[None, :] * s_x1, mask=ok, other=0.0)
             keep = _keep(tl.load(SEED), rt, rk, n_in, p)
             x = tl.where(keep, x, 0.0).to(X.dtype.element_ty)
-            a = tl.load(A + rr[None, :] * s_a0 + rk[:, None] * s_a1, mask=(rr[None, :] < r) & (rk[:, None] < n_in),
-                        other=0.0)  # (BK, BR) = Aᵀ tile
+            a_ok = (rr[None, :] < r) & (rk[:, None] < n_in)
+            a = tl.load(A + rr[None, :] * s_a0 + rk[:, None] * s_a1, mask=a_ok,
+                        other=0.0).to(X.dtype.element_ty)  # (BK, BR) = Aᵀ tile
+            if WRITE_A:
+                if tl.program_id(0) == 0:
+                    tl.store(A_OUT + rr[None, :] * n_in + rk[:, None], a, mask=a_ok)
             if IEEE:
                 acc += tl.dot(x, a, input_precision="ieee")
             else:
@@ -265,16 +272,23 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
-    def _train_expand_add_kernel(Y, H, B, T, n_out, r, s_y0, s_y1, s_h0, s_h1, s_b0, s_b1,
-                                 BT: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
+    def _train_expand_add_kernel(Y, H, B, B_OUT, T, n_out, r, s_y0, s_y1, s_h0, s_h1, s_b0, s_b1,
+                                 BT: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr,
+                                 WRITE_B: tl.constexpr):
         # Y[t, n] += Σ_k H[t, k] · B[n, k] on one (BT, BN) tile, summed in float32 and rounded once.
+        # B is read in its own dtype and rounded to h's; with WRITE_B the first row of programs
+        # stores that rounded copy in B_OUT (out, r).
         rt = tl.program_id(0) * BT + tl.arange(0, BT)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         rr = tl.arange(0, BR)
         h = tl.load(H + rt[:, None] * s_h0 + rr[None, :] * s_h1, mask=(rt[:, None] < T) & (rr[None, :] < r),
                     other=0.0)  # (BT, BR)
-        b = tl.load(B + rn[None, :] * s_b0 + rr[:, None] * s_b1, mask=(rr[:, None] < r) & (rn[None, :] < n_out),
-                    other=0.0)  # (BR, BN) = Bᵀ tile
+        b_ok = (rr[:, None] < r) & (rn[None, :] < n_out)
+        b = tl.load(B + rn[None, :] * s_b0 + rr[:, None] * s_b1, mask=b_ok,
+                    other=0.0).to(H.dtype.element_ty)  # (BR, BN) = Bᵀ tile
+        if WRITE_B:
+            if tl.program_id(0) == 0:
+                tl.store(B_OUT + rn[None, :] * r + rr[:, None], b, mask=b_ok)
         if IEEE:
             acc = tl.dot(h, b, input_precision="ieee")
         else:
@@ -321,9 +335,11 @@ MASKED_CONFIG = {"shrink": {"BT": 32, "BK": 128, "num_warps": 4},
 EXPAND_CONFIG = {"BT": 32, "BN": 128, "num_warps": 4}
 
 
-def expand_add_(y: Tensor, h: Tensor, lora_B: Tensor) -> Tensor:
+def expand_add_(y: Tensor, h: Tensor, lora_B: Tensor, b_out: Tensor | None = None) -> Tensor:
     """y += h·Bᵀ in place, summed in float32 and rounded once (as addmm_ with beta = 1 does):
-    y (T, out), h (T, r) and B (out, r) in one dtype. Faster than cuBLAS's in-place addmm_
+    y (T, out) and h (T, r) in one dtype, B (out, r) in any (rounded to h's as it is read;
+    `b_out`, a contiguous (out, r) tensor of h's dtype, if given receives that rounded B).
+    Faster than cuBLAS's in-place addmm_
     at these shapes (profiled Llama-1B steps on H200s, 8192 tokens, r = 16: 3.02 ms for its
     112 calls against 4.36 ms for addmm_'s), and under torch.compile it stays an in-place
     update, where the compiler's out-of-place addmm would first copy y."""
@@ -331,20 +347,25 @@ def expand_add_(y: Tensor, h: Tensor, lora_B: Tensor) -> Tensor:
     r = h.shape[1]
     cfg = EXPAND_CONFIG
     grid = (triton.cdiv(T, cfg["BT"]), triton.cdiv(n_out, cfg["BN"]))
-    _train_expand_add_kernel[grid](y, h, lora_B, T, n_out, r, y.stride(0), y.stride(1), h.stride(0), h.stride(1),
-                                   lora_B.stride(0), lora_B.stride(1), BR=_br(r), IEEE=_ieee(y), **cfg)
+    _train_expand_add_kernel[grid](y, h, lora_B, y if b_out is None else b_out, T, n_out, r, y.stride(0),
+                                   y.stride(1), h.stride(0), h.stride(1), lora_B.stride(0), lora_B.stride(1),
+                                   BR=_br(r), IEEE=_ieee(y), WRITE_B=b_out is not None, **cfg)
     return y
 
 
-def masked_shrink(x2: Tensor, lora_A: Tensor, p: float, seed: int | Tensor, scale: float = 1.0) -> Tensor:
-    """h = s·dropout(x)·Aᵀ with the seed's mask: x2 (T, in), A (r, in) in x's dtype -> (T, r)."""
+def masked_shrink(x2: Tensor, lora_A: Tensor, p: float, seed: int | Tensor, scale: float = 1.0,
+                  a_out: Tensor | None = None) -> Tensor:
+    """h = s·dropout(x)·Aᵀ with the seed's mask: x2 (T, in), A (r, in) in any dtype, rounded to
+    x's as it is read -> (T, r). `a_out`, a contiguous (r, in) tensor of x's dtype, if given
+    receives that rounded A."""
     T, n_in = x2.shape
     r = lora_A.shape[0]
     h = torch.empty(T, r, dtype=x2.dtype, device=x2.device)
     cfg = MASKED_CONFIG["shrink"]
     _masked_shrink_kernel[(triton.cdiv(T, cfg["BT"]),)](
-        x2, lora_A, h, T, n_in, r, seed_tensor(seed, x2.device), p, scale / (1.0 - p), x2.stride(0), x2.stride(1),
-        lora_A.stride(0), lora_A.stride(1), h.stride(0), h.stride(1), BR=_br(r), IEEE=_ieee(x2), **cfg)
+        x2, lora_A, h, h if a_out is None else a_out, T, n_in, r, seed_tensor(seed, x2.device), p,
+        scale / (1.0 - p), x2.stride(0), x2.stride(1), lora_A.stride(0), lora_A.stride(1), h.stride(0), h.stride(1),
+        BR=_br(r), IEEE=_ieee(x2), WRITE_A=a_out is not None, **cfg)
     return h
 
 
