@@ -16,6 +16,8 @@
 #   bash benchmarks/gpu_check.sh 10 [OUT_DIR]  # bf16 GPU tests, one graphed decode step captured several ways,
 #                                              # eager and graphed steps with the cast-first control (<= 8 min)
 #   bash benchmarks/gpu_check.sh 11 [OUT_DIR]  # compiled floor and lorakit, dropout 0 and 0.1 (<= 9.5 min)
+#   bash benchmarks/gpu_check.sh 12 [OUT_DIR]  # the graphed_generate GPU test, inference as the issue states it
+#                                              # (128 new tokens) with PEFT, and where the eager host time goes (<= 8 min)
 #
 # Logs and JSON rows go to OUT_DIR (default: $OUT, else gpu-check/); each step's table is
 # printed as it finishes.
@@ -104,7 +106,12 @@ elif [ "$part" = 11 ]; then
     cd benchmarks
     step train-compiled 570 python train_step.py --modes compiled --methods floor,lorakit --dropouts 0,0.1 \
         --json "$out/train-compiled.json"
+elif [ "$part" = 12 ]; then
+    step gpu-tests 90 python -m pytest -q -p no:cacheprovider tests/test_gpu.py -k graphed_generate
+    cd benchmarks
+    step infer 380 python infer.py --reps 10 --decode-steps 128 --peft-decode-steps 16 --profile-host \
+        --json "$out/infer.json"
 else
-    echo "usage: bash benchmarks/gpu_check.sh 1|...|11 [OUT_DIR]" >&2
+    echo "usage: bash benchmarks/gpu_check.sh 1|...|12 [OUT_DIR]" >&2
     exit 2
 fi

@@ -158,6 +158,25 @@ def graphed_decode_run(model, prompt, steps: int, warm: int = 3) -> float:
         return (time.perf_counter() - t0) / steps
 
 
+def profile_host(base_prefill, mixed_prefill, base_decode, mixed_decode) -> None:
+    """cProfile (to stderr) of eager prefill and eager decode, base then lorakit's route: where the
+    host's time goes when the eager rows are bound by it."""
+    import cProfile
+    import pstats
+
+    for name, fn in (("prefill, base", base_prefill), ("prefill, route", mixed_prefill),
+                     ("decode (8 steps), base", base_decode), ("decode (8 steps), route", mixed_decode)):
+        fn()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        prof.disable()
+        print(f"# host profile: {name}, 3 calls", file=sys.stderr)
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(14)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=20)
@@ -168,6 +187,8 @@ def main() -> None:
     parser.add_argument("--group-configs", default="64:4,256:4,128:8",
                         help="tiles of the graphed grouped decode rows besides the configured one, BN:WARPS, "
                         "comma-separated")
+    parser.add_argument("--profile-host", action="store_true",
+                        help="also print where the host's time goes (cProfile) in eager prefill and decode")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     import transformers
@@ -322,31 +343,33 @@ def main() -> None:
                 add("decode, CUDA graph", run, statistics.median(t))
 
     if not args.skip_graphs:
-        # The shipped helper, lorakit.graphed_generate: prefill, two eager warm-up steps, capture, replays.
-        # Per step: the difference of two lengths (lo and hi new tokens) over hi - lo, so prefill,
-        # warm-up and capture cancel; "whole call" is the longer call's time over its new tokens.
-        lo, hi = 16, 16 + args.decode_steps
-
+        # The shipped helper, lorakit.graphed_generate: prefill, two eager warm-up steps, capture, then
+        # replays. "per step": its own synchronised replay time over the replay count (`timings`);
+        # "whole call": the call's wall time over its new tokens (prefill, warm-up and capture included).
         def generate_call(model, rows_, n):
+            t: dict = {}
             with lorakit.route(model, rows_) if rows_ else contextlib.nullcontext():
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                lorakit.graphed_generate(model, prompt, max_new_tokens=n, pad_token_id=0, eos_token_id=[])
+                lorakit.graphed_generate(model, prompt, max_new_tokens=n, pad_token_id=0, eos_token_id=[], timings=t)
                 torch.cuda.synchronize()
-                return time.perf_counter() - t0
+            return t["replay_s"] / t["replays"], (time.perf_counter() - t0) / n
 
         helper_runs = {"base": (base, None), "lorakit 16 adapters (route)": (lk, decode_rows)}
         for model_, rows_ in helper_runs.values():
-            generate_call(model_, rows_, 4)  # warm-up
+            generate_call(model_, rows_, 8)  # warm-up
         got = {run: ([], []) for run in helper_runs}
         for _ in range(3):  # interleaved, as in `timed`
             for run, (model_, rows_) in helper_runs.items():
-                short, long_ = generate_call(model_, rows_, lo), generate_call(model_, rows_, hi)
-                got[run][0].append((long_ - short) / (hi - lo))
-                got[run][1].append(long_ / hi)
+                per_step, whole = generate_call(model_, rows_, args.decode_steps)
+                got[run][0].append(per_step)
+                got[run][1].append(whole)
         for run, (per_step, whole) in got.items():
             add("decode, lorakit.graphed_generate", run, statistics.median(per_step))
             add("decode, graphed_generate whole call", run, statistics.median(whole))
+    if args.profile_host:
+        profile_host(lambda: prefill(base, ids), mixed_prefill, lambda: decode_run(base, prompt, 8),
+                     lambda: mixed_decode(8))
 
     if args.json:
         with open(args.json, "w") as f:

@@ -96,3 +96,12 @@ def test_bad_arguments_say_what_was_expected(kwargs, match):
         lorakit.graphed_generate(model, input_ids(batch=1, seq=3), **kwargs)
     with pytest.raises(ValueError, match="must be \\(batch, length\\)"):
         lorakit.graphed_generate(model, torch.ones(4, dtype=torch.long), max_new_tokens=2, graphs=False)
+
+
+def test_timings_report_each_phase():
+    model = tiny_llama_causal()
+    t: dict = {}
+    out = lorakit.graphed_generate(model, input_ids(batch=2, seq=4), max_new_tokens=5, eos_token_id=[],
+                                   graphs=False, timings=t)
+    assert out.shape == (2, 9) and t["steps"] == 4 and set(t) == {"prefill_s", "steps_s", "steps"}
+    assert t["prefill_s"] > 0 and t["steps_s"] > 0

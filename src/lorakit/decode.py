@@ -17,6 +17,7 @@ steps eagerly (any device): the reference the graphed steps are tested against.
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Sequence
 
 import torch
@@ -28,12 +29,16 @@ STOP_CHECK_EVERY = 16  # steps between the host's looks at whether every row has
 def graphed_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, *,
                      max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,
                      pad_token_id: int | None = None, temperature: float = 0.0, graphs: bool = True,
-                     warm_steps: int = 2) -> Tensor:
+                     warm_steps: int = 2, timings: dict | None = None) -> Tensor:
     """Continue `input_ids` (B, T), left-padded where `attention_mask` (B, T) has zeros, by up to
     `max_new_tokens`: greedy at temperature 0, else sampled from softmax(logits / temperature)
     (no top-k or top-p) with torch's generator. Returns (B, T + n) like transformers' `generate`: after a row
     emits an EOS token its later tokens are `pad_token_id`; n < max_new_tokens only when every
     row has finished. `eos_token_id` and `pad_token_id` default to the model's generation config.
+
+    `timings`, a dict if given, receives the synchronised seconds of each phase: "prefill_s",
+    "warm_s" (the eager steps), "capture_s" and "replay_s", and "replays", the replay count
+    (without graphs: "prefill_s", "steps_s" and "steps"). Timing adds a device sync per phase.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] < 1:
         raise ValueError(f"input_ids must be (batch, length) with length >= 1; found shape {tuple(input_ids.shape)}")
@@ -54,6 +59,7 @@ def graphed_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor
     dev = input_ids.device
     rows, length = input_ids.shape
     total = length + max_new_tokens
+    clock = _Clock(timings, dev)
     with torch.no_grad():
         # newer transformers name the cache argument `cache`, older ones `past_key_values`
         cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -67,6 +73,7 @@ def graphed_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor
         # the prompt's last slot and position: emitting its token advances both to the first step's
         state = _State(rows, max_new_tokens, length - 1, positions[:, -1:], eos_ids, pad, temperature, dev)
         state.emit(logits[:, -1])
+        clock.lap("prefill_s")
 
         def step() -> None:  # reads `last` at its slot and position (emit advanced them)
             mask.index_fill_(1, state.cache_pos, 1)  # this step's own position is attended
@@ -74,7 +81,7 @@ def graphed_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor
                         cache_position=state.cache_pos, use_cache=True, **cache).logits
             state.emit(out[:, -1])
 
-        state.run(step, max_new_tokens - 1, graphs, warm_steps)
+        state.run(step, max_new_tokens - 1, graphs, warm_steps, clock)
         return torch.cat([input_ids, state.out[:, :state.done]], dim=1)
 
 
@@ -114,14 +121,16 @@ class _State:
     def all_finished(self) -> bool:
         return bool(self.eos.numel()) and bool(self.finished.all())
 
-    def run(self, step, steps: int, graphs: bool, warm_steps: int) -> None:
+    def run(self, step, steps: int, graphs: bool, warm_steps: int, clock: _Clock) -> None:
         """`steps` calls of step(): the first `warm_steps` eagerly (on a side stream, as capture
         needs), then, with `graphs`, the rest replayed from one captured step."""
         if not graphs:
+            done = self.done
             for i in range(steps):
                 if i % STOP_CHECK_EVERY == 0 and self.all_finished():
-                    return
+                    break
                 step()
+            clock.lap("steps_s", self.done - done, "steps")
             return
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -130,6 +139,7 @@ class _State:
             for _ in range(warm):
                 step()
         torch.cuda.current_stream().wait_stream(side)
+        clock.lap("warm_s")
         if warm == steps:
             return
         done = self.done
@@ -137,8 +147,32 @@ class _State:
         with torch.cuda.graph(graph):
             step()  # recorded, not run
         self.done = done  # capture ran no step
+        clock.lap("capture_s")
         for i in range(steps - warm):
             if i % STOP_CHECK_EVERY == 0 and self.all_finished():
-                return
+                break
             graph.replay()
             self.done += 1
+        clock.lap("replay_s", self.done - done, "replays")
+
+
+class _Clock:
+    """Synchronised phase times into a dict, or nothing (no syncs) without one."""
+
+    def __init__(self, out: dict | None, device: torch.device) -> None:
+        self.out, self.cuda = out, device.type == "cuda"
+        self.t = self._now() if out is not None else 0.0
+
+    def _now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def lap(self, name: str, count: int | None = None, count_name: str | None = None) -> None:
+        if self.out is None:
+            return
+        t = self._now()
+        self.out[name] = t - self.t
+        if count_name is not None:
+            self.out[count_name] = count
+        self.t = t
