@@ -18,6 +18,7 @@
 #   bash benchmarks/gpu_check.sh 11 [OUT_DIR]  # compiled floor and lorakit, dropout 0 and 0.1 (<= 9.5 min)
 #   bash benchmarks/gpu_check.sh 12 [OUT_DIR]  # the graphed_generate GPU test, inference as the issue states it
 #                                              # (128 new tokens) with PEFT, and where the eager host time goes (<= 8 min)
+#   bash benchmarks/gpu_check.sh 13 [OUT_DIR]  # the mixed-batch GPU tests, eager inference rows only (<= 4 min)
 #
 # Logs and JSON rows go to OUT_DIR (default: $OUT, else gpu-check/); each step's table is
 # printed as it finishes.
@@ -111,7 +112,11 @@ elif [ "$part" = 12 ]; then
     cd benchmarks
     step infer 380 python infer.py --reps 10 --decode-steps 128 --peft-decode-steps 16 --profile-host \
         --json "$out/infer.json"
+elif [ "$part" = 13 ]; then
+    step gpu-tests 90 python -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "mixed or graphed"
+    cd benchmarks
+    step infer 150 python infer.py --reps 10 --decode-steps 64 --skip-peft --skip-graphs --json "$out/infer.json"
 else
-    echo "usage: bash benchmarks/gpu_check.sh 1|...|12 [OUT_DIR]" >&2
+    echo "usage: bash benchmarks/gpu_check.sh 1|...|13 [OUT_DIR]" >&2
     exit 2
 fi

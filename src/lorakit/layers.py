@@ -346,8 +346,11 @@ class LoraLinear(LoraLayer):
         key = (names, dtype, device)
         held = self._stacks.get(key)
         if held is None or held[0] is not route:
-            params = [t for n in names for t in (self.A_table[n], self.B_table[n])]
-            stamp = tuple((id(t), t._version) for t in params)
+            # The tables' own dicts, not ParameterDict's __getitem__: this runs for every layer of
+            # every prefill, and 2·N lookups through the module machinery cost more host time
+            # than the layer's kernels take to launch.
+            pa, pb = self.A_table._parameters, self.B_table._parameters
+            stamp = tuple((id(t), t._version) for n in names for t in (pa[n], pb[n]))
             if held is None or held[1] != stamp:
                 with torch.no_grad():
                     a_stack, b_stack, _ = ops.multi.stack_adapters([self.A_table[n] for n in names],

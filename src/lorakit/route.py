@@ -30,7 +30,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from lorakit.inject import _saved_modules, _state, list_adapters, lora_layers
+from lorakit.inject import _state, list_adapters
+from lorakit.layers import LoraLayer, ModulesToSave
 
 
 class Route:
@@ -118,7 +119,9 @@ def _version(x: Tensor) -> int | None:
 
 
 def _routable(model: nn.Module) -> list[nn.Module]:
-    return [layer for _, layer in lora_layers(model)] + [holder for _, holder in _saved_modules(model)]
+    """The LoRA layers and trained module copies of the model, in one walk of its modules
+    (a context is entered for every batch: its walk is host time before any GPU work)."""
+    return [m for m in model.modules() if isinstance(m, (LoraLayer, ModulesToSave))]
 
 
 @contextmanager
