@@ -2,12 +2,13 @@
 
 What it saves for backward is x itself (the very tensor the layer was given, so
 layers fed the same tensor — q/k/v, gate/up — share one saved copy), the small
-h = s·dropout(x)·Aᵀ (tokens × r), A and B as cast to the compute dtype in forward (so
-backward does not cast them again), and, with dropout, an integer seed instead of the
-mask or the dropped input: on the GPU, backward's kernels regenerate the identical mask
-from the seed. Where the kernels do not run (the CPU), forward keeps its mask as booleans
-(a byte an element, a quarter of a float32 dropped copy), since remaking it with torch ops
-cost more time than the rest of the dropout step.
+h = s·dropout(x)·Aᵀ (tokens × r), A and B in the compute dtype (on the GPU written by the
+forward kernels that read the adapters, so neither pass launches a cast), and, with
+dropout, an integer seed instead of the mask or the dropped input: on the GPU, backward's
+kernels regenerate the identical mask from the seed. Where the kernels do not run (the
+CPU), forward keeps its mask as booleans (a byte an element, a quarter of a float32
+dropped copy), since remaking it with torch ops cost more time than the rest of the
+dropout step.
 
 The scale s rides in GEMM epilogues (h, dA) and the adapter gradients of float32
 adapters under half-precision compute come out of their GEMM in float32 where the
