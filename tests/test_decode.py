@@ -105,3 +105,22 @@ def test_timings_report_each_phase():
                                    graphs=False, timings=t)
     assert out.shape == (2, 9) and t["steps"] == 4 and set(t) == {"prefill_s", "steps_s", "steps"}
     assert t["prefill_s"] > 0 and t["steps_s"] > 0
+
+
+def test_static_cache_arguments_for_either_transformers_signature():
+    """transformers 5's StaticCache takes the config and length; 4.x also the batch size (under
+    max_batch_size or batch_size), device and dtype: each gets what it names."""
+    from lorakit.decode import _static_cache
+
+    class Five:
+        def __init__(self, config, max_cache_len, **kwargs):
+            self.kw = dict(max_cache_len=max_cache_len, **kwargs)
+
+    class Four:
+        def __init__(self, config, batch_size=None, max_cache_len=None, device=None, dtype=torch.float32):
+            self.kw = dict(batch_size=batch_size, max_cache_len=max_cache_len, device=device, dtype=dtype)
+
+    model = tiny_llama_causal().to(torch.float64)
+    assert _static_cache(Five, model, 3, 20, torch.device("cpu")).kw == {"max_cache_len": 20}
+    assert _static_cache(Four, model, 3, 20, torch.device("cpu")).kw == dict(
+        batch_size=3, max_cache_len=20, device=torch.device("cpu"), dtype=torch.float64)

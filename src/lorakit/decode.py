@@ -63,7 +63,7 @@ def graphed_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor
     with torch.no_grad():
         # newer transformers name the cache argument `cache`, older ones `past_key_values`
         cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        cache = {cache_arg: StaticCache(config=model.config, max_cache_len=total)}
+        cache = {cache_arg: _static_cache(StaticCache, model, rows, total, dev)}
         mask = torch.zeros(rows, total, dtype=torch.long, device=dev)  # (B, total): 1 where a position is attended
         mask[:, :length] = 1 if attention_mask is None else attention_mask.to(dev, torch.long)
         positions = (mask[:, :length].cumsum(-1) - 1).clamp_min(0)  # (B, T): left padding shifts each row's start
@@ -83,6 +83,22 @@ def graphed_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor
 
         state.run(step, max_new_tokens - 1, graphs, warm_steps, clock)
         return torch.cat([input_ids, state.out[:, :state.done]], dim=1)
+
+
+def _static_cache(cls, model: nn.Module, rows: int, total: int, dev: torch.device):
+    """A StaticCache of `total` slots: transformers 5 sizes and places it on first use; 4.x takes
+    the batch size, device and dtype up front (under one of two names for the batch size)."""
+    params = inspect.signature(cls.__init__).parameters
+    extra: dict = {}
+    for name in ("max_batch_size", "batch_size"):
+        if name in params:
+            extra[name] = rows
+            break
+    if "device" in params:
+        extra["device"] = dev
+    if "dtype" in params:
+        extra["dtype"] = getattr(model, "dtype", None) or next(p.dtype for p in model.parameters())
+    return cls(config=model.config, max_cache_len=total, **extra)
 
 
 class _State:
