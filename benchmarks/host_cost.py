@@ -29,6 +29,23 @@ def per_call_us(fn, n: int = 2000) -> float:
     return 1e6 * (time.perf_counter() - t0) / n
 
 
+def print_profile(fn, calls: int, warm: int, rows: int, stream=None) -> None:
+    """cProfile of `calls` calls of fn() after `warm` unprofiled ones, synchronised at the end;
+    the `rows` functions with the most time of their own, to `stream` (default stdout)."""
+    import cProfile
+    import pstats
+
+    for _ in range(warm):
+        fn()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    prof.disable()
+    pstats.Stats(prof, stream=stream).sort_stats("tottime").print_stats(rows)
+
+
 def main(profile: bool = False) -> None:
     import lorakit
     from lorakit.ops import fused
@@ -68,18 +85,7 @@ def main(profile: bool = False) -> None:
     rows["lorakit LoraLinear forward + backward"] = lora_step
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}")
     if profile:
-        import cProfile
-        import pstats
-
-        for _ in range(50):
-            lora_step()
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(500):
-            lora_step()
-        torch.cuda.synchronize()
-        prof.disable()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+        print_profile(lora_step, calls=500, warm=50, rows=18)
     print(f"\n{'call':<44} {'µs per call':>11}")
     for name, fn in rows.items():
         print(f"{name:<44} {per_call_us(fn):>11.1f}")

@@ -161,20 +161,12 @@ def graphed_decode_run(model, prompt, steps: int, warm: int = 3) -> float:
 def profile_host(base_prefill, mixed_prefill, base_decode, mixed_decode) -> None:
     """cProfile (to stderr) of eager prefill and eager decode, base then lorakit's route: where the
     host's time goes when the eager rows are bound by it."""
-    import cProfile
-    import pstats
+    from host_cost import print_profile
 
     for name, fn in (("prefill, base", base_prefill), ("prefill, route", mixed_prefill),
                      ("decode (8 steps), base", base_decode), ("decode (8 steps), route", mixed_decode)):
-        fn()
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        prof.disable()
         print(f"# host profile: {name}, 3 calls", file=sys.stderr)
-        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(14)
+        print_profile(fn, calls=3, warm=1, rows=14, stream=sys.stderr)
 
 
 def main() -> None:

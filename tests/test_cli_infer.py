@@ -154,6 +154,41 @@ def test_generate_rows_match_each_adapter_alone(lm_setup, tiny_llama_dir, tmp_pa
         assert len({r["completion"] for r in got[3 * i:3 * i + 3]}) == 3, got[3 * i:3 * i + 3]
 
 
+@pytest.mark.parametrize("fails", [False, True], ids=["graphed", "falls-back"])
+def test_generate_decodes_through_graphed_generate_where_graphs_run(fails, lm_setup, tmp_path, monkeypatch,
+                                                                     capsys, caplog):
+    """Where CUDA graphs can run, greedy generate decodes with lorakit.graphed_generate (here its
+    eager steps, graphs=False, since the tests have no GPU) and writes what transformers' generate
+    gives; if it fails, one log line says so and the batches decode with generate instead."""
+    from lorakit import serve
+
+    prompts = ["what is 3 plus 4?", "hello", "tell me a very long story about the sea and ships"]
+    rows = [{"prompt": p, "adapter": name} for p in prompts for name in ("x", None)]
+    data = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    args = ["generate", "--adapter", f"x={lm_setup['x']}", "--input", str(data), "--batch-size", "4",
+            "--max-new-tokens", "5"]
+    assert cli.main(args) == 0
+    want = capsys.readouterr().out
+    calls = []
+    real = lorakit.graphed_generate
+
+    def graphed(*a, **k):
+        calls.append(1)
+        if fails:
+            raise RuntimeError("no static cache here")
+        return real(*a, graphs=False, **k)
+
+    monkeypatch.setattr(serve, "_graphs_usable", lambda device: True)
+    monkeypatch.setattr(lorakit, "graphed_generate", graphed)
+    with caplog.at_level("INFO", logger="lorakit"):
+        assert cli.main(args) == 0
+    assert capsys.readouterr().out == want
+    assert len(calls) == 1 if fails else len(calls) == 2  # 6 rows in batches of 4: two batches
+    assert ("CUDA-graph decoding failed (RuntimeError: no static cache here)" in caplog.text) == fails
+    assert cli.main(args + ["--no-cuda-graphs"]) == 0 and capsys.readouterr().out == want
+    assert len(calls) == (1 if fails else 2)  # --no-cuda-graphs: not called
+
+
 # -- errors ------------------------------------------------------------------------------------------
 
 

@@ -327,6 +327,11 @@ def predict(adapters: Sequence[str], input_file: str | Path, output: str | Path 
                    time.perf_counter() - loaded, str(output) if output is not None else None)
 
 
+def _graphs_usable(device: torch.device) -> bool:
+    """Whether generate decodes from CUDA graphs on `device` (a GPU)."""
+    return device.type == "cuda"
+
+
 def generate(adapters: Sequence[str], input_file: str | Path, output: str | Path | None = None, *,
              model: str | None = None, batch_size: int = 16, max_new_tokens: int = 64,
              prompt_field: str = "prompt", adapter_field: str = "adapter", temperature: float = 0.0,
@@ -350,7 +355,7 @@ def generate(adapters: Sequence[str], input_file: str | Path, output: str | Path
     device = next(net.parameters()).device
     torch.manual_seed(seed)
     loaded = time.perf_counter()
-    graphed = [cuda_graphs and temperature == 0 and device.type == "cuda"]  # turned off by a failure
+    graphed = [cuda_graphs and temperature == 0 and _graphs_usable(device)]  # turned off by a failure
 
     def step(batch: list[dict[str, Any]], _: list[str | None]) -> list[dict[str, Any]]:
         enc = tokenizer([r[prompt_field] for r in batch], padding=True, return_tensors="pt")
