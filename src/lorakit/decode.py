@@ -32,9 +32,10 @@ def graphed_generate(model: nn.Module, input_ids: Tensor, attention_mask: Tensor
                      warm_steps: int = 2, timings: dict | None = None) -> Tensor:
     """Continue `input_ids` (B, T), left-padded where `attention_mask` (B, T) has zeros, by up to
     `max_new_tokens`: greedy at temperature 0, else sampled from softmax(logits / temperature)
-    (no top-k or top-p) with torch's generator. Returns (B, T + n) like transformers' `generate`: after a row
-    emits an EOS token its later tokens are `pad_token_id`; n < max_new_tokens only when every
-    row has finished. `eos_token_id` and `pad_token_id` default to the model's generation config.
+    (no top-k or top-p) with torch's generator (replays draw new noise each step through
+    PyTorch's graph-safe CUDA generator; the GPU tests check greedy decoding only). Returns
+    (B, T + n) like transformers' `generate`: after a row emits an EOS token its later tokens
+    are `pad_token_id`; n < max_new_tokens only when every row has finished. `eos_token_id` and `pad_token_id` default to the model's generation config.
 
     `timings`, a dict if given, receives the synchronised seconds of each phase: "prefill_s",
     "warm_s" (the eager steps), "capture_s" and "replay_s", and "replays", the replay count
