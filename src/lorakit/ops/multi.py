@@ -355,7 +355,13 @@ DENSE_MAX_TOKENS = 256
 def dense_tables(a_stack: Tensor, b_stack: Tensor) -> tuple[Tensor, Tensor]:
     """(a_cat (N·R, in), b_cat (out, N·R)) views/copies of the stacked tables for `dense_expand_add_`."""
     n, r, n_in = a_stack.shape
-    return a_stack.reshape(n * r, n_in), b_stack.permute(1, 0, 2).reshape(b_stack.shape[1], n * r)
+    return a_stack.reshape(n * r, n_in), dense_b_table(b_stack)
+
+
+def dense_b_table(b_stack: Tensor) -> Tensor:
+    """b_cat (out, N·R): every adapter's B side by side, from b_stack (N, out, R)."""
+    n, n_out, r = b_stack.shape
+    return b_stack.permute(1, 0, 2).reshape(n_out, n * r)
 
 
 def dense_row_mask(row_adapter: Tensor, seq: int, n: int, r: int, dtype: torch.dtype) -> Tensor:
@@ -470,7 +476,7 @@ def grouped_decode_add_(ys: Sequence[Tensor], x2: Tensor, a_group: Tensor, b_sta
             mask = dense_row_mask(tokens.row_adapter, tokens.seq, n, R, x2.dtype)
         h_all.view(x2.shape[0], len(ys), n * R).mul_(mask[:, None, :])
         for m, (y2, b) in enumerate(zip(ys, b_stacks)):
-            b_cat = b.permute(1, 0, 2).reshape(b.shape[1], n * R) if b_cats is None else b_cats[m]
+            b_cat = dense_b_table(b) if b_cats is None else b_cats[m]
             y2.addmm_(h_all[:, m * n * R:(m + 1) * n * R], b_cat.T)
         return list(ys)
     if not x2.shape[0] or not tokens.max_tokens:

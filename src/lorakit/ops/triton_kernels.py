@@ -89,7 +89,7 @@ def build_w_eff_casts(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: flo
     dtype = weight.dtype
     if lora_A.dtype == dtype and lora_B.dtype == dtype:
         return _w_eff(weight, lora_A, lora_B, scale, None, use_kernel, None), lora_A, lora_B
-    if dtype not in (torch.float16, torch.bfloat16) or not (triton_usable(weight) if use_kernel is None else use_kernel):
+    if dtype not in (torch.float16, torch.bfloat16) or not _kernel_for(weight, use_kernel):
         a, b = lora_A.to(dtype), lora_B.to(dtype)
         return _w_eff(weight, a, b, scale, None, use_kernel, None), a, b
     a = torch.empty(lora_A.shape, dtype=dtype, device=weight.device)
@@ -97,12 +97,17 @@ def build_w_eff_casts(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: flo
     return _w_eff(weight, lora_A, lora_B, scale, None, True, (a, b)), a, b
 
 
+def _kernel_for(weight: Tensor, use_kernel: bool | None) -> bool:
+    """`use_kernel`, or where it is None, whether Triton can run on weight's device."""
+    return triton_usable(weight) if use_kernel is None else use_kernel
+
+
 def _w_eff(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, out: Tensor | None,
            use_kernel: bool | None, casts: tuple[Tensor, Tensor] | None) -> Tensor:
     n_out, n_in = weight.shape
     r = lora_A.shape[0]
     half = weight.dtype in (torch.float16, torch.bfloat16)
-    if not (triton_usable(weight) if use_kernel is None else use_kernel):
+    if not _kernel_for(weight, use_kernel):
         acc = torch.promote_types(weight.dtype, torch.float32)
         if half:  # the kernel's rounding of the factors
             lora_A, lora_B = lora_A.to(weight.dtype), lora_B.to(weight.dtype)
@@ -339,10 +344,10 @@ def expand_add_(y: Tensor, h: Tensor, lora_B: Tensor, b_out: Tensor | None = Non
     """y += h·Bᵀ in place, summed in float32 and rounded once (as addmm_ with beta = 1 does):
     y (T, out) and h (T, r) in one dtype, B (out, r) in any (rounded to h's as it is read;
     `b_out`, a contiguous (out, r) tensor of h's dtype, if given receives that rounded B).
-    Faster than cuBLAS's in-place addmm_
-    at these shapes (profiled Llama-1B steps on H200s, 8192 tokens, r = 16: 3.02 ms for its
-    112 calls against 4.36 ms for addmm_'s), and under torch.compile it stays an in-place
-    update, where the compiler's out-of-place addmm would first copy y."""
+    Faster than cuBLAS's in-place addmm_ at these shapes (profiled Llama-1B steps on H200s,
+    8192 tokens, r = 16: 3.02 ms for its 112 calls against 4.36 ms for addmm_'s), and under
+    torch.compile it stays an in-place update, where the compiler's out-of-place addmm would
+    first copy y."""
     T, n_out = y.shape
     r = h.shape[1]
     cfg = EXPAND_CONFIG
