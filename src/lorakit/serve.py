@@ -355,20 +355,21 @@ def generate(adapters: Sequence[str], input_file: str | Path, output: str | Path
     device = next(net.parameters()).device
     torch.manual_seed(seed)
     loaded = time.perf_counter()
-    graphed = [cuda_graphs and temperature == 0 and _graphs_usable(device)]  # turned off by a failure
+    graphed = cuda_graphs and temperature == 0 and _graphs_usable(device)  # turned off by a failure
 
     def step(batch: list[dict[str, Any]], _: list[str | None]) -> list[dict[str, Any]]:
+        nonlocal graphed
         enc = tokenizer([r[prompt_field] for r in batch], padding=True, return_tensors="pt")
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)  # (B, T), left-padded
         out = None
-        if graphed[0]:
+        if graphed:
             try:
                 out = lorakit.graphed_generate(net, ids, mask, max_new_tokens=max_new_tokens,
                                                pad_token_id=tokenizer.pad_token_id)
             except Exception as exc:  # a model without static-cache support, say: decode it the usual way
                 log.info("lorakit generate: CUDA-graph decoding failed (%s: %s); using transformers' generate",
                          type(exc).__name__, exc)
-                graphed[0] = False
+                graphed = False
         if out is None:
             out = net.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                pad_token_id=tokenizer.pad_token_id, **sampling)
