@@ -280,3 +280,21 @@ def test_dropout_forward_updates_y_in_place(monkeypatch):
         assert rel(y_traced, x2 @ w.T + ((x2 * mask) @ a.T @ b.T) * 0.5) < 1e-5
     finally:
         fused.use_kernels_on_cpu(False)
+
+
+def test_host_helpers_match_triton():
+    # The launch-grid helpers stand in for triton.cdiv and triton.next_power_of_2 (cheaper to call).
+    for a in range(0, 300):
+        for b in (1, 3, 16, 32, 64, 128):
+            assert tk.cdiv(a, b) == triton.cdiv(a, b)
+    for n in range(1, 1100):
+        assert tk.next_power_of_2(n) == triton.next_power_of_2(n)
+
+
+def test_as_dtype_and_seed_tensor_reuse_their_input():
+    t = torch.randn(3)
+    assert tk.as_dtype(t, torch.float32) is t and tk.as_dtype(t, torch.float64).dtype == torch.float64
+    seed = fused.new_seed("cpu")
+    assert tk.seed_tensor(seed, seed.device) is seed
+    other = tk.seed_tensor(torch.tensor(7, dtype=torch.int32), "cpu")
+    assert other.dtype == torch.int64 and other.shape == (1,) and int(other) == 7

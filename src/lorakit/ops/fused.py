@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from lorakit.ops import triton_kernels as tk
+from lorakit.ops.triton_kernels import as_dtype
 
 
 def env_flag(name: str, default: bool) -> bool:
@@ -147,16 +148,16 @@ def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lo
     ct = x2.dtype
     n_out, n_in = weight.shape
     kernels = _kernels(x2)
-    bias = None if bias is None else bias.to(ct)
+    bias = None if bias is None else as_dtype(bias, ct)
     if p == 0.0:
         if weight.dtype == ct:  # the kernel rounds A and B to ct as it reads them: no cast launches
             w_eff, a, b = tk.build_w_eff_casts(weight, lora_A, lora_B, scale, use_kernel=kernels)  # (out, in)
         else:
-            a, b = lora_A.to(ct), lora_B.to(ct)
+            a, b = as_dtype(lora_A, ct), as_dtype(lora_B, ct)
             w_eff = torch.empty(n_out, n_in, dtype=ct, device=x2.device)  # (out, in)
             tk.build_w_eff(weight, a, b, scale, out=w_eff, use_kernel=kernels)
         return torch.nn.functional.linear(x2, w_eff, bias), _scaled_mm(x2, a.T, scale), a, b, w_eff  # (T, out), (T, r)
-    y = torch.nn.functional.linear(x2, weight.to(ct), bias)
+    y = torch.nn.functional.linear(x2, as_dtype(weight, ct), bias)
     if kernels:
         # The kernels read A and B in their own dtype and write the copies rounded to ct that
         # backward uses: no cast launches.
@@ -167,7 +168,7 @@ def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lo
         # compiler, which turns addmm_ into an out-of-place addmm that copies y first (0.18 ms a
         # Llama-1B block on an H200), it stays in place.
         return tk.expand_add_(y, h, lora_B, None if b is lora_B else b), h, a, b, None
-    a, b = lora_A.to(ct), lora_B.to(ct)
+    a, b = as_dtype(lora_A, ct), as_dtype(lora_B, ct)
     keep = _keep_mask(x2, p, seed) if keep is None else keep
     h = _scaled_mm(x2 * keep, a.T, scale / (1.0 - p))  # 1/(1-p) rides in the GEMM
     return y.addmm_(h, b.T), h, a, b, None  # (T, out)
@@ -188,8 +189,8 @@ def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: T
     need_dx, need_w, need_bias, need_a, need_b = needs
     ct = dy2.dtype
     n_out, n_in = weight.shape
-    a, b = lora_A.to(ct), lora_B.to(ct)
-    x2 = x2.to(ct)
+    a, b = as_dtype(lora_A, ct), as_dtype(lora_B, ct)
+    x2 = as_dtype(x2, ct)
     kernels = _kernels(x2)
     dx = dweight = dbias = d_a = d_b = None
     if keep is None and p and not kernels and (need_a or (need_dx and dx_lora)):
@@ -201,11 +202,11 @@ def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: T
             tk.build_w_eff(weight, a, b, scale, out=w_eff, use_kernel=kernels)
         dx = dy2 @ w_eff  # dy·W_eff: (T, in)
     elif need_dx:
-        dx = dy2 @ weight.to(ct)  # (T, in)
+        dx = dy2 @ as_dtype(weight, ct)  # (T, in)
         if not dx_lora:
             pass
         elif kernels and need_a:  # both dropout terms from one pass and one mask
-            d_a = tk.masked_backward_(dx, x2, dyb, a, scale, p, seed).to(a_dtype)
+            d_a = as_dtype(tk.masked_backward_(dx, x2, dyb, a, scale, p, seed), a_dtype)
         elif kernels:
             tk.masked_dx_add_(dx, dyb, a, scale, p, seed)
         else:
@@ -216,15 +217,15 @@ def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: T
         if p == 0.0:
             d_a = _scaled_mm(dyb.T, x2, scale, a_dtype)  # (r, in)
         elif kernels:
-            d_a = tk.masked_grad_a(dyb, x2, p, seed, scale).to(a_dtype)
+            d_a = as_dtype(tk.masked_grad_a(dyb, x2, p, seed, scale), a_dtype)
         else:
             d_a = _scaled_mm(dyb.T, x2 * keep, scale / (1.0 - p), a_dtype)
     if need_b:
-        d_b = _scaled_mm(dy2.T, h.to(ct), 1.0, b_dtype)  # (out, r); h already carries s
+        d_b = _scaled_mm(dy2.T, as_dtype(h, ct), 1.0, b_dtype)  # (out, r); h already carries s
     if need_w:
-        dweight = (dy2.T @ x2).to(weight.dtype)
+        dweight = as_dtype(dy2.T @ x2, weight.dtype)
     if need_bias:
-        dbias = dy2.sum(0).to(weight.dtype)
+        dbias = as_dtype(dy2.sum(0), weight.dtype)
     return dx, dweight, dbias, d_a, d_b, dyb
 
 
@@ -232,6 +233,8 @@ def _linear_node_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A:
                          scale: float, p: float, seed: Tensor | None, keep: Tensor | None = None
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """`_forward` for x (..., in): (y (..., out), h (T, r), a, b, w_eff)."""
+    if x.dim() == 2:
+        return _forward(x, weight, bias, lora_A, lora_B, scale, p, seed, keep)
     y, *rest = _forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scale, p, seed, keep)
     return y.reshape(*x.shape[:-1], y.shape[-1]), *rest
 
@@ -241,11 +244,12 @@ def _linear_node_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor,
                           a_dtype: torch.dtype, b_dtype: torch.dtype, w_eff: Tensor | None = None,
                           dx_lora: bool = True, keep: Tensor | None = None):
     """`_backward` for dy (..., out): (dx in x's shape and dtype, dW, dbias, dA, dB, dy·B), None where not wanted."""
-    dx, dw, dbias, d_a, d_b, dyb = _backward(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight, lora_A,
-                                             lora_B, h, scale, p, seed, needs, a_dtype, b_dtype, w_eff, dx_lora,
-                                             keep)
+    flat = x.dim() == 2
+    dx, dw, dbias, d_a, d_b, dyb = _backward(dy if flat else dy.reshape(-1, dy.shape[-1]),
+                                             x if flat else x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, h,
+                                             scale, p, seed, needs, a_dtype, b_dtype, w_eff, dx_lora, keep)
     if dx is not None:
-        dx = dx.reshape(x.shape).to(x.dtype)
+        dx = as_dtype(dx if flat else dx.reshape(x.shape), x.dtype)
     return dx, dw, dbias, d_a, d_b, dyb
 
 
@@ -317,9 +321,9 @@ def _gated_node_backward(dy: Tensor, g: Tensor, u: Tensor, act: str, weight: Ten
                                                           w_eff, dx_lora=False)
         width = g.shape[-1]
         dg, du, d_a = tk.gated_backward(dz.view(-1, width), g.view(-1, width), u.view(-1, width), dyb, act, scale,
-                                        p, seed, lora_A.to(g.dtype) if p else None)
+                                        p, seed, as_dtype(lora_A, g.dtype) if p else None)
         return (dg.view(g.shape) if need_g else None, du.view(u.shape) if need_u else None, None, dbias,
-                d_a.to(a_dtype) if need_a else None, d_b)
+                as_dtype(d_a, a_dtype) if need_a else None, d_b)
     act_fwd, act_bwd = GATED_ACTIVATIONS[act]
     act_g = act_fwd(g)
     dz, dw, dbias, d_a, d_b, _ = _linear_node_backward(dy, act_g * u, weight, lora_A, lora_B, h, scale, p, seed,
@@ -508,13 +512,13 @@ def lora_linear_inference(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A
     n_out, n_in = weight.shape
     x2 = x.reshape(-1, n_in)  # (T, in)
     ct = x2.dtype
-    bias = None if bias is None else bias.to(ct)
+    bias = None if bias is None else as_dtype(bias, ct)
     if base is None and x2.shape[0] * (n_in + 2 * n_out) > 2 * n_in * n_out:
         # A and B go in as they are: the kernel (or its torch twin) rounds them to ct itself.
-        w_eff = tk.build_w_eff(weight.to(ct), lora_A, lora_B, scale, use_kernel=_kernels(x2))
+        w_eff = tk.build_w_eff(as_dtype(weight, ct), lora_A, lora_B, scale, use_kernel=_kernels(x2))
         y = torch.nn.functional.linear(x2, w_eff, bias)
     else:
-        a, b = lora_A.to(ct), lora_B.to(ct)
-        y = torch.nn.functional.linear(x2, weight.to(ct), bias) if base is None else base(x2)
+        a, b = as_dtype(lora_A, ct), as_dtype(lora_B, ct)
+        y = torch.nn.functional.linear(x2, as_dtype(weight, ct), bias) if base is None else base(x2)
         y.addmm_(x2 @ a.T, b.T, alpha=scale)  # (T, out), in place
     return y.view(*x.shape[:-1], n_out)

@@ -41,7 +41,7 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def _padded_rank(r: int) -> int:
     """max(16, the next power of two >= r): the kernels' rank tile."""
-    return max(16, 1 << (r - 1).bit_length())
+    return max(16, tk.next_power_of_2(r))
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -247,7 +247,7 @@ def _shrink_block_k(bt: int, R: int, elem_bytes: int) -> int:
 
 def _expand_grid(n_rows: int, seq: int, n_out: int, R: int) -> tuple[tuple[int, int, int], int, int]:
     bt, bn = _block_t(seq), min(EXPAND_BLOCK_N, max(16, EXPAND_TILE_ELEMENTS // R))
-    return (n_rows, triton.cdiv(seq, bt), triton.cdiv(n_out, bn)), bt, bn
+    return (n_rows, tk.cdiv(seq, bt), tk.cdiv(n_out, bn)), bt, bn
 
 
 # -- the ops ---------------------------------------------------------------------------------
@@ -269,7 +269,7 @@ def lora_shrink(x2: Tensor, a_stack: Tensor, row_adapter: Tensor, seq: int) -> T
     if h.numel():
         bt = _block_t(seq)
         bk = _shrink_block_k(bt, R, x2.element_size())
-        _shrink_kernel[(row_adapter.shape[0], triton.cdiv(seq, bt))](
+        _shrink_kernel[(row_adapter.shape[0], tk.cdiv(seq, bt))](
             x2, a_stack, row_adapter, h, seq, x2.shape[1], x2.stride(0), x2.stride(1), a_stack.stride(0),
             a_stack.stride(1), a_stack.stride(2), R=R, BT=bt, BK=bk, IEEE=x2.dtype == torch.float32,
             num_warps=NUM_WARPS, num_stages=SHRINK_STAGES)
@@ -484,11 +484,11 @@ def grouped_decode_add_(ys: Sequence[Tensor], x2: Tensor, a_group: Tensor, b_sta
     bn = GROUP_CONFIG["BN"]
     for g in range(0, len(ys), GROUP_MAX_MEMBERS):
         part = list(range(g, min(g + GROUP_MAX_MEMBERS, len(ys))))
-        blocks = [triton.cdiv(b_stacks[m].shape[1], bn) for m in part]
+        blocks = [tk.cdiv(b_stacks[m].shape[1], bn) for m in part]
         args = []
         for m in part + [part[0]] * (GROUP_MAX_MEMBERS - len(part)):  # unused slots repeat the first member
             args += [b_stacks[m], ys[m], ys[m].stride(0), b_stacks[m].shape[1]]
-        grid = (n, triton.cdiv(tokens.max_tokens, GROUP_BLOCK_T), sum(blocks))
+        grid = (n, tk.cdiv(tokens.max_tokens, GROUP_BLOCK_T), sum(blocks))
         _grouped_expand_kernel[grid](
             h_all, h_all.stride(0), g * n * R, n * R, tokens.order, tokens.starts, *args, blocks[0],
             blocks[1] if len(part) > 1 else 0, MEMBERS=len(part), R=R, BT=GROUP_BLOCK_T, BN=bn,

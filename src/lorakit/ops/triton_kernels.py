@@ -22,6 +22,22 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b), for launch grids. triton.cdiv is a constexpr function whose host-side call
+    costs microseconds of Python each (several per launch add up in an eager step)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), as triton.next_power_of_2 without its call cost."""
+    return 1 << (n - 1).bit_length()
+
+
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in `dtype`: t itself where it already is (skipping the dispatcher's call for a no-op .to)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def triton_usable(t: Tensor) -> bool:
     """Whether the Triton kernels can run on tensors like `t`."""
     return triton is not None and (t.is_cuda or (INTERPRET and t.device.type == "cpu"))
@@ -110,15 +126,15 @@ def _w_eff(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, out: Te
     if not _kernel_for(weight, use_kernel):
         acc = torch.promote_types(weight.dtype, torch.float32)
         if half:  # the kernel's rounding of the factors
-            lora_A, lora_B = lora_A.to(weight.dtype), lora_B.to(weight.dtype)
-        w_eff = torch.addmm(weight.to(acc), lora_B.to(acc), lora_A.to(acc), alpha=scale)
-        return w_eff.to(weight.dtype) if out is None else out.copy_(w_eff)
+            lora_A, lora_B = as_dtype(lora_A, weight.dtype), as_dtype(lora_B, weight.dtype)
+        w_eff = torch.addmm(as_dtype(weight, acc), as_dtype(lora_B, acc), as_dtype(lora_A, acc), alpha=scale)
+        return as_dtype(w_eff, weight.dtype) if out is None else out.copy_(w_eff)
     if out is None:
         out = torch.empty_like(weight, memory_format=torch.contiguous_format)
     a_out, b_out = casts if casts is not None else (out, out)  # unused without WRITE_AB
-    br = max(16, triton.next_power_of_2(r))
+    br = _br(r)
     bm, bn, warps = W_EFF_CONFIG["BM"], W_EFF_CONFIG["BN"], W_EFF_CONFIG["num_warps"]
-    grid = (triton.cdiv(n_out, bm), triton.cdiv(n_in, bn))
+    grid = (cdiv(n_out, bm), cdiv(n_in, bn))
     _w_eff_kernel[grid](weight, lora_A, lora_B, out, a_out, b_out, n_out, n_in, r, float(scale),
                         weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0),
                         lora_B.stride(1), out.stride(0), out.stride(1), BM=bm, BN=bn, BR=br, IEEE=not half,
@@ -305,7 +321,7 @@ if triton is not None:
 
 
 def _br(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
+    return max(16, next_power_of_2(r))
 
 
 def _ieee(t: Tensor) -> bool:
@@ -315,6 +331,8 @@ def _ieee(t: Tensor) -> bool:
 def seed_tensor(seed: int | Tensor, device) -> Tensor:
     """The seed as the one-element int64 tensor the kernels read (so no host sync is needed)."""
     if isinstance(seed, Tensor):
+        if seed.dtype == torch.int64 and seed.shape == (1,) and seed.device == device:
+            return seed  # as new_seed made it: no conversion calls
         return seed.to(device=device, dtype=torch.int64).reshape(1)
     return torch.tensor([seed], dtype=torch.int64, device=device)
 
@@ -323,7 +341,7 @@ def dropout_keep_mask(shape: tuple[int, int], p: float, seed: int | Tensor, devi
     """The (T, in) boolean keep-mask that the kernels regenerate from `seed` (for tests and the CPU)."""
     T, n_in = shape
     out = torch.empty(T, n_in, dtype=torch.int8, device=device)
-    grid = (triton.cdiv(T, 32), triton.cdiv(n_in, 64))
+    grid = (cdiv(T, 32), cdiv(n_in, 64))
     _mask_kernel[grid](out, T, n_in, seed_tensor(seed, device), p, BT=32, BN=64)
     return out.bool()
 
@@ -351,7 +369,7 @@ def expand_add_(y: Tensor, h: Tensor, lora_B: Tensor, b_out: Tensor | None = Non
     T, n_out = y.shape
     r = h.shape[1]
     cfg = EXPAND_CONFIG
-    grid = (triton.cdiv(T, cfg["BT"]), triton.cdiv(n_out, cfg["BN"]))
+    grid = (cdiv(T, cfg["BT"]), cdiv(n_out, cfg["BN"]))
     _train_expand_add_kernel[grid](y, h, lora_B, y if b_out is None else b_out, T, n_out, r, y.stride(0),
                                    y.stride(1), h.stride(0), h.stride(1), lora_B.stride(0), lora_B.stride(1),
                                    BR=_br(r), IEEE=_ieee(y), WRITE_B=b_out is not None, **cfg)
@@ -367,7 +385,7 @@ def masked_shrink(x2: Tensor, lora_A: Tensor, p: float, seed: int | Tensor, scal
     r = lora_A.shape[0]
     h = torch.empty(T, r, dtype=x2.dtype, device=x2.device)
     cfg = MASKED_CONFIG["shrink"]
-    _masked_shrink_kernel[(triton.cdiv(T, cfg["BT"]),)](
+    _masked_shrink_kernel[(cdiv(T, cfg["BT"]),)](
         x2, lora_A, h, h if a_out is None else a_out, T, n_in, r, seed_tensor(seed, x2.device), p,
         scale / (1.0 - p), x2.stride(0), x2.stride(1), lora_A.stride(0), lora_A.stride(1), h.stride(0), h.stride(1),
         BR=_br(r), IEEE=_ieee(x2), WRITE_A=a_out is not None, **cfg)
@@ -392,7 +410,7 @@ def masked_dx_add_(dx: Tensor, dyb: Tensor, lora_A: Tensor, scale: float, p: flo
     T, n_in = dx.shape
     r = lora_A.shape[0]
     cfg = MASKED_CONFIG["dx_add"]
-    grid = (triton.cdiv(T, cfg["BT"]), triton.cdiv(n_in, cfg["BN"]))
+    grid = (cdiv(T, cfg["BT"]), cdiv(n_in, cfg["BN"]))
     _masked_dx_add_kernel[grid](
         dx, dyb, lora_A, T, n_in, r, seed_tensor(seed, dx.device), p, scale / (1.0 - p), dx.stride(0), dx.stride(1),
         dyb.stride(0), dyb.stride(1), lora_A.stride(0), lora_A.stride(1), BR=_br(r), IEEE=_ieee(dx), **cfg)
@@ -525,10 +543,10 @@ if triton is not None:
 def _row_splits(T: int, width: int, bt: int, bn: int, programs: int) -> tuple[int, int, int]:
     """(column blocks, row splits, rows per split) for kernels that reduce over rows: about
     `programs` programs in all, so the grid fills the GPU; partial sums are added with torch."""
-    n_blocks = triton.cdiv(width, bn)
-    splits = max(1, min(triton.cdiv(T, bt), programs // max(1, n_blocks)))
-    rows = triton.cdiv(triton.cdiv(T, splits), bt) * bt
-    return n_blocks, triton.cdiv(T, rows), rows
+    n_blocks = cdiv(width, bn)
+    splits = max(1, min(cdiv(T, bt), programs // max(1, n_blocks)))
+    rows = cdiv(cdiv(T, splits), bt) * bt
+    return n_blocks, cdiv(T, rows), rows
 
 
 def gated_act(g: Tensor, u: Tensor, act: str) -> Tensor:
@@ -536,7 +554,7 @@ def gated_act(g: Tensor, u: Tensor, act: str) -> Tensor:
     z = torch.empty_like(g)
     n = g.numel()
     block = 1024
-    _gated_act_kernel[(triton.cdiv(n, block),)](g, u, z, n, ACT=GATED_KERNEL_ACTS[act], BLOCK=block)
+    _gated_act_kernel[(cdiv(n, block),)](g, u, z, n, ACT=GATED_KERNEL_ACTS[act], BLOCK=block)
     return z
 
 
