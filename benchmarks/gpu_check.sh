@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks and measurements of the fused paths, in the order they are needed, each under
-# its own time limit, in seven parts that each fit one 10-minute command:
+# its own time limit, in parts that each fit one 10-minute command:
 #
 #   bash benchmarks/gpu_check.sh 1 [OUT_DIR]   # bf16 GPU tests, tile sweeps, inference, eager and graphed steps (<= 9.7 min)
 #   bash benchmarks/gpu_check.sh 2 [OUT_DIR]   # one run: eager floor, lorakit, PEFT, full; compiled floor, lorakit (<= 9.7 min)
@@ -19,6 +19,14 @@
 #   bash benchmarks/gpu_check.sh 12 [OUT_DIR]  # the graphed_generate GPU test, inference as the issue states it
 #                                              # (128 new tokens) with PEFT, and where the eager host time goes (<= 8 min)
 #   bash benchmarks/gpu_check.sh 13 [OUT_DIR]  # the mixed-batch GPU tests, eager inference rows only (<= 4 min)
+#   bash benchmarks/gpu_check.sh 14 [OUT_DIR]  # bf16 GPU tests, eager and graphed steps with the three-node MLP
+#                                              # control, and eager steps of an earlier tree (<= 9.2 min)
+#   bash benchmarks/gpu_check.sh 15 [OUT_DIR]  # host cost per call and eager inference rows, this tree and an
+#                                              # earlier one (<= 8 min)
+#
+# Parts 14 and 15 compare with an earlier tree where .carry/before/ holds one (its src/ and
+# benchmarks/, e.g. `git archive d94617a src benchmarks | tar -x -C .carry/before`), run in
+# processes of their own on the same machine.
 #
 # Logs and JSON rows go to OUT_DIR (default: $OUT, else gpu-check/); each step's table is
 # printed as it finishes.
@@ -116,7 +124,28 @@ elif [ "$part" = 13 ]; then
     step gpu-tests 90 python -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "mixed or graphed"
     cd benchmarks
     step infer 150 python infer.py --reps 10 --decode-steps 64 --skip-peft --skip-graphs --json "$out/infer.json"
+elif [ "$part" = 14 ]; then
+    step gpu-tests 200 python -m pytest -q -p no:cacheprovider tests/test_gpu.py
+    cd benchmarks
+    step train-eager-graphed 150 python train_step.py --modes eager,graphed \
+        --methods floor,lorakit,lorakit-three-nodes --dropouts 0,0.1 --json "$out/train-eager-graphed.json"
+    if [ -d ../.carry/before/src ]; then
+        (cd ../.carry/before/benchmarks && export PYTHONPATH="$PWD/../src" \
+            && step train-eager-before 150 python train_step.py --modes eager --methods floor,lorakit --dropouts 0,0.1 \
+                --json "$out/train-eager-before.json")
+    fi
+elif [ "$part" = 15 ]; then
+    cd benchmarks
+    step host-cost 60 python host_cost.py
+    step infer-eager 150 python infer.py --reps 10 --decode-steps 64 --skip-peft --skip-graphs \
+        --json "$out/infer-eager.json"
+    if [ -d ../.carry/before/src ]; then
+        (cd ../.carry/before/benchmarks && export PYTHONPATH="$PWD/../src" \
+            && step host-cost-before 60 python host_cost.py \
+            && step infer-eager-before 150 python infer.py --reps 10 --decode-steps 64 --skip-peft --skip-graphs \
+                --json "$out/infer-eager-before.json")
+    fi
 else
-    echo "usage: bash benchmarks/gpu_check.sh 1|...|13 [OUT_DIR]" >&2
+    echo "usage: bash benchmarks/gpu_check.sh 1|...|15 [OUT_DIR]" >&2
     exit 2
 fi

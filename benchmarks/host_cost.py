@@ -83,12 +83,32 @@ def main(profile: bool = False) -> None:
 
     rows["nn.Linear forward + backward (frozen W)"] = linear_step
     rows["lorakit LoraLinear forward + backward"] = lora_step
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit import fusion
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=64)
+    with torch.device(dev):
+        llama = LlamaForCausalLM(cfg).to(bf)
+    lorakit.inject(llama, lorakit.LoraConfig(r=16, target_modules=["gate_proj", "up_proj", "down_proj"]))
+    mlp = llama.model.layers[0].mlp
+
+    def mlp_step(whole: bool):
+        def run():
+            fusion.set_whole_mlp_node(whole)
+            mlp(xg).sum().backward()
+        return run
+
+    rows["gated MLP, LoRA on all three, forward + backward: one node"] = mlp_step(True)
+    rows["the same as three nodes (gate, up, down)"] = mlp_step(False)
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__}")
     if profile:
         print_profile(lora_step, calls=500, warm=50, rows=18)
-    print(f"\n{'call':<44} {'µs per call':>11}")
+    print(f"\n{'call':<60} {'µs per call':>11}")
     for name, fn in rows.items():
-        print(f"{name:<44} {per_call_us(fn):>11.1f}")
+        print(f"{name:<60} {per_call_us(fn):>11.1f}")
 
 
 if __name__ == "__main__":

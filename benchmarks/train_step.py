@@ -74,7 +74,10 @@ def measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: bo
     gated MLP's elementwise work with torch ops instead of lorakit's kernels (as before them);
     "lorakit-cast-first" casts float32 A and B to bf16 in launches of their own before the
     kernels that read them (W + s·B·A; with dropout, the masked shrink and the expand), as
-    before those kernels rounded them themselves."""
+    before those kernels rounded them themselves; "lorakit-three-nodes" runs each gated MLP
+    as three autograd nodes (gate, up, and down with the elementwise work) instead of one
+    (fusion.WHOLE_MLP_NODE off), as before that node."""
+    from lorakit import fusion
     from lorakit.ops import fused
 
     tk = fused.tk
@@ -83,6 +86,8 @@ def measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: bo
                 {k: getattr(tk, k) for k in kernels})
     fused.COMPILE_AS_CUSTOM_OPS = method == "lorakit-opaque"
     fused.SAVE_W_EFF = method == "lorakit-keep-weff"
+    whole_mlp = fusion.WHOLE_MLP_NODE
+    fusion.set_whole_mlp_node(whole_mlp and method != "lorakit-three-nodes")
     if method == "lorakit-torch-gated":
         fused._gated_kernels = lambda g, u, act: False
     if method == "lorakit-cast-first":
@@ -100,6 +105,7 @@ def measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: bo
         return _measure(method, bs, seq, r, dropout, compiled, steps, warm)
     finally:
         fused.COMPILE_AS_CUSTOM_OPS, fused.SAVE_W_EFF, fused._gated_kernels = defaults[:3]
+        fusion.set_whole_mlp_node(whole_mlp)
         for k, fn in defaults[3].items():
             setattr(tk, k, fn)
 

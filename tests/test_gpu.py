@@ -46,6 +46,31 @@ def test_bf16_fused_matches_reference(p, shape):
         assert rel(got, want) < 1e-2
 
 
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_bf16_whole_gated_mlp_node_matches_reference(p):
+    T, hidden, width = 4096, 1024, 4096
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rnd = lambda *shape, s=0.02: torch.randn(*shape, device="cuda", generator=g) * s  # noqa: E731
+    x = rnd(T, hidden, s=1.0).bfloat16().requires_grad_(True)
+    parts = [(rnd(n_out, n_in).bfloat16(), None, rnd(16, n_in).requires_grad_(True), rnd(n_out, 16).requires_grad_(True))
+             for n_out, n_in in ((width, hidden), (width, hidden), (hidden, width))]
+    seeds = (21, 22, 23)
+    y = fused.gated_mlp(x, "silu", parts, (2.0, 2.0, 2.0), (p, p, p), training=True, seeds=seeds)
+
+    def layer(inp, part, seed):  # float32 oracle from the same bf16 inputs
+        w, _, a, b = part
+        xd = torch.where(tk.dropout_keep_mask(tuple(inp.shape), p, seed, "cuda"), inp / (1 - p), 0.0) if p else inp
+        return inp @ w.float().T + (xd @ a.T @ b.T) * 2.0
+
+    xf = x.float()
+    yr = layer(torch.nn.functional.silu(layer(xf, parts[0], 21)) * layer(xf, parts[1], 22), parts[2], 23)
+    leaves = [x] + [t for part in parts for t in part[2:]]
+    dy = torch.randn_like(yr)
+    assert rel(y, yr) < 1e-2
+    for got, want in zip(torch.autograd.grad(y, leaves, dy.bfloat16()), torch.autograd.grad(yr, leaves, dy)):
+        assert rel(got, want) < 1e-2
+
+
 def test_training_curves_agree():
     from transformers import LlamaConfig, LlamaForSequenceClassification
 

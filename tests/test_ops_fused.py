@@ -218,6 +218,73 @@ def test_gated_down_matches_reference_with_and_without_dropout():
             assert rel(g1, g2) < 1e-12
 
 
+def gated_mlp_case(dtype, bias, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape, grad=False: torch.randn(*shape, generator=g, dtype=dtype).requires_grad_(grad)  # noqa: E731
+    x = rnd(2, 5, 16, grad=True)
+    parts = []
+    for n_out, n_in, r in ((24, 16, 4), (24, 16, 3), (16, 24, 4)):  # gate, up, down; ranks may differ
+        parts.append((rnd(n_out, n_in), rnd(n_out) if bias else None, rnd(r, n_in, grad=True), rnd(n_out, r, grad=True)))
+    return x, parts
+
+
+def gated_mlp_reference(x, parts, scales, p, seeds):
+    def layer(inp, part, s, seed):
+        w, b, a, bb = part
+        mask = dropout_mask(torch.Size([inp.numel() // inp.shape[-1], inp.shape[-1]]), p, seed, inp.device,
+                            inp.dtype).reshape(inp.shape) if p else 1.0
+        return reference_with_mask(inp, w, b, a, bb, s, mask)
+
+    z = F.silu(layer(x, parts[0], scales[0], seeds[0])) * layer(x, parts[1], scales[1], seeds[1])
+    return layer(z, parts[2], scales[2], seeds[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("bias", [True, False])
+def test_whole_gated_mlp_node_matches_reference(dtype, p, bias):
+    x, parts = gated_mlp_case(dtype, bias)
+    scales, seeds = (0.5, 2.0, 0.7), (3, 4, 5)
+    y = fused.gated_mlp(x, "silu", parts, scales, (p, p, p), training=True, seeds=seeds)
+    assert type(y.grad_fn).__name__ == "GatedMLPFunctionBackward"
+    yr = gated_mlp_reference(x, parts, scales, p, seeds)
+    leaves = [x] + [t for part in parts for t in part if t is not None and t.requires_grad]
+    dy = torch.randn_like(yr)
+    assert rel(y, yr) < TOL[dtype]
+    for got, want in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(yr, leaves, dy)):
+        assert rel(got, want) < TOL[dtype]
+    # not in training: no dropout, whatever the rates
+    y_eval = fused.gated_mlp(x, "silu", parts, scales, (p, p, p), training=False)
+    assert rel(y_eval, gated_mlp_reference(x, parts, scales, 0.0, seeds)) < TOL[dtype]
+
+
+def test_llama_mlp_runs_as_one_node_unless_turned_off_or_only_down_is_adapted():
+    from lorakit import fusion
+
+    def run(model):
+        torch.manual_seed(0)
+        ids = input_ids()
+        model.train()
+        loss = model(input_ids=ids, labels=ids).loss
+        params = [p for p in model.parameters() if p.requires_grad]
+        return loss, torch.autograd.grad(loss, params)
+
+    config = lorakit.LoraConfig(r=4, target_modules=LLAMA_TARGETS, lora_dropout=0.1, init_lora_weights=False)
+    model = lorakit.inject(tiny_llama_causal().double(), config)
+    x = torch.randn(2, 3, 32, dtype=torch.float64, requires_grad=True)
+    assert type(model.model.layers[0].mlp(x).grad_fn).__name__ == "GatedMLPFunctionBackward"
+    loss, grads = run(model)
+    fusion.set_whole_mlp_node(False)
+    try:
+        assert type(model.model.layers[0].mlp(x).grad_fn).__name__ == "GatedDownFunctionBackward"
+        loss3, grads3 = run(model)  # three nodes, the same seeds drawn in the same order
+    finally:
+        fusion.set_whole_mlp_node(True)
+    assert rel(loss, loss3) < 1e-12 and all(rel(a, b) < 1e-10 for a, b in zip(grads, grads3))
+    down_only = lorakit.inject(tiny_llama_causal().double(), lorakit.LoraConfig(r=4, target_modules=["down_proj"]))
+    assert type(down_only.model.layers[0].mlp(x).grad_fn).__name__ == "GatedDownFunctionBackward"
+
+
 def saved_shapes(fn):
     shapes = []
 
@@ -230,19 +297,33 @@ def saved_shapes(fn):
     return shapes
 
 
-def test_gated_mlp_stores_no_tensor_of_downs_input_beyond_g_and_u():
+@pytest.mark.parametrize("whole", [True, False], ids=["one-node", "three-nodes"])
+def test_gated_mlp_stores_no_tensor_of_downs_input_beyond_g_and_u(whole):
+    from lorakit import fusion
+
     model = lorakit.inject(tiny_llama_causal(), lorakit.LoraConfig(r=4, target_modules=LLAMA_TARGETS))
     mlp = model.model.layers[0].mlp
     x = torch.randn(2, 9, 32, requires_grad=True)
-    fused_shapes = saved_shapes(lambda: mlp(x))
+    fusion.set_whole_mlp_node(whole)
+    try:
+        fused_shapes = saved_shapes(lambda: mlp(x))
+    finally:
+        fusion.set_whole_mlp_node(True)
     ops.set_fast_path(False)
     try:
         plain_shapes = saved_shapes(lambda: mlp(x))
     finally:
         ops.set_fast_path(True)
-    wide = (2, 9, 64)  # an activation as wide as the tiny model's MLP
-    assert fused_shapes.count(wide) == 2  # g and u
-    assert plain_shapes.count(wide) > 2  # plus act(g) and/or down's input
+
+    def wide(shapes):  # activations as wide as the tiny model's MLP, (2, 9, 64) or flattened (18, 64)
+        return sum(1 for s in shapes if s[-1] == 64 and torch.Size(s).numel() == 2 * 9 * 64)
+
+    assert wide(fused_shapes) == 2  # g and u
+    assert wide(plain_shapes) > 2  # plus act(g) and/or down's input
+    hidden = sum(1 for s in fused_shapes if s[-1] == 32 and torch.Size(s).numel() == 2 * 9 * 32)
+    # x for gate's and up's adapter gradients: saved once by the one node, by each of two
+    # nodes otherwise (the same tensor, so one copy in memory either way)
+    assert hidden == (1 if whole else 2)
 
 
 def test_unload_restores_the_mlp_forward():

@@ -239,6 +239,37 @@ def test_gated_down_with_kernels_matches_reference(act, p, trainable_w, monkeypa
         fused.use_kernels_on_cpu(False)
 
 
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_whole_gated_mlp_node_with_kernels_matches_reference(p):
+    """gate, up and down as one node on the kernel route, against per-layer reference arithmetic."""
+    fused.use_kernels_on_cpu(True)
+    try:
+        x = rand(3, 7, 40, seed=4).requires_grad_(True)
+        parts = [(rand(64, 40, seed=5), None, rand(4, 40, seed=6).requires_grad_(True),
+                  rand(64, 4, seed=7).requires_grad_(True)),
+                 (rand(64, 40, seed=8), None, rand(4, 40, seed=9).requires_grad_(True),
+                  rand(64, 4, seed=10).requires_grad_(True)),
+                 (rand(24, 64, seed=11), None, rand(4, 64, seed=12).requires_grad_(True),
+                  rand(24, 4, seed=13).requires_grad_(True))]
+        seeds = (77, 78, 79)
+        y = fused.gated_mlp(x, "silu", parts, (0.5, 0.5, 0.5), (p, p, p), training=True, seeds=seeds)
+
+        def layer(inp, part, seed):
+            w, _, a, b = part
+            mask = tk.dropout_keep_mask((21, inp.shape[-1]), p, seed, DEVICE).reshape(inp.shape).float() / (1 - p) \
+                if p else 1.0
+            return torch.nn.functional.linear(inp, w) + ((inp * mask) @ a.T @ b.T) * 0.5
+
+        yr = layer(gated_reference(layer(x, parts[0], 77), layer(x, parts[1], 78), "silu"), parts[2], 79)
+        leaves = [x] + [t for part in parts for t in part[2:]]
+        dy = torch.randn_like(yr)
+        assert rel(y, yr) < 1e-5
+        for got, want in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(yr, leaves, dy)):
+            assert rel(got, want) < 1e-5
+    finally:
+        fused.use_kernels_on_cpu(False)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,n_out,r", [(70, 45, 5), (130, 256, 16), (33, 200, 1)])
 def test_expand_add_in_place(dtype, T, n_out, r):

@@ -19,8 +19,20 @@ from torch import Tensor, nn
 
 from lorakit import ops
 from lorakit.layers import LoraLinear
+from lorakit.ops.fused import env_flag
 
 _MARK = "_lorakit_gated_mlp"
+
+# Run a recognised MLP whose three projections all carry LoRA as one autograd node
+# (`ops.fused.GatedMLPFunction`) instead of three. LORAKIT_WHOLE_MLP_NODE=0 or
+# `set_whole_mlp_node(False)` turns it off.
+WHOLE_MLP_NODE = env_flag("LORAKIT_WHOLE_MLP_NODE", default=True)
+
+
+def set_whole_mlp_node(enabled: bool) -> None:
+    """Run gate, up and down of a gated MLP as one autograd node (see WHOLE_MLP_NODE)."""
+    global WHOLE_MLP_NODE
+    WHOLE_MLP_NODE = bool(enabled)
 _PARTS = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -38,12 +50,35 @@ def is_gated_mlp(module: nn.Module) -> bool:
             and all(isinstance(getattr(module, n, None), nn.Module) for n in _PARTS))
 
 
+def _one_node_parts(mlp: nn.Module, name: str, x: Tensor):
+    """((weight, bias, A, B) of gate, up, down) when the whole MLP can run as one node with
+    adapter `name`, else None: gate and up are LoRA layers like down, each with `name` alone
+    active, frozen plain linear bases, no hooks; not under torch.compile (which keeps its own
+    per-layer graph)."""
+    if not WHOLE_MLP_NODE or torch.compiler.is_compiling():
+        return None
+    parts = []
+    for layer in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        if not (isinstance(layer, LoraLinear) and layer.route is None and not layer.fan_in_fan_out
+                and layer.unmerged_active() == [name] and layer.training == mlp.down_proj.training
+                and ops.fast_path_blocker(layer.base_layer, x) is None and not layer.base_layer.weight.requires_grad):
+            return None
+        parts.append((layer.base_layer.weight, layer.base_layer.bias, layer.A_table[name], layer.B_table[name]))
+    return parts
+
+
 def _fused_forward(self: nn.Module, x: Tensor) -> Tensor:
     down = self.down_proj
     if isinstance(down, LoraLinear) and down.route is None and torch.is_grad_enabled() and not down.fan_in_fan_out:
         active = down.unmerged_active()
         if len(active) == 1 and ops.fast_path_blocker(down.base_layer, x) is None:
             name = active[0]
+            parts = _one_node_parts(self, name, x)
+            if parts is not None:
+                layers = (self.gate_proj, self.up_proj, down)
+                return ops.fused_gated_mlp(x, activation_kind(self.act_fn), parts,
+                                           [m.scaling[name] for m in layers], [m.lora_dropout[name] for m in layers],
+                                           down.training)
             g, u = self.gate_proj(x), self.up_proj(x)
             return ops.fused_gated_down(g, u, activation_kind(self.act_fn), down.base_layer.weight, down.base_layer.bias,
                                         down.A_table[name], down.B_table[name], down.scaling[name],

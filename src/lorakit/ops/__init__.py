@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from lorakit.ops import multi
 from lorakit.ops.fused import env_flag, lora_linear_inference
 from lorakit.ops.fused import gated_down as fused_gated_down
+from lorakit.ops.fused import gated_mlp as fused_gated_mlp
 from lorakit.ops.fused import lora_linear as fused_lora_linear
 from lorakit.ops.reference import (
     embedding_delta,
@@ -33,6 +34,7 @@ __all__ = [
     "fast_path_blocker",
     "fast_path_enabled",
     "fused_gated_down",
+    "fused_gated_mlp",
     "fused_lora_linear",
     "log_fallback_once",
     "lora_branch",

@@ -176,7 +176,8 @@ def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lo
 
 def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor, scale: float,
               p: float, seed: Tensor | None, needs: tuple[bool, ...], a_dtype: torch.dtype, b_dtype: torch.dtype,
-              w_eff: Tensor | None = None, dx_lora: bool = True, keep: Tensor | None = None):
+              w_eff: Tensor | None = None, dx_lora: bool = True, keep: Tensor | None = None,
+              dx_out: Tensor | None = None):
     """Gradients (dx, dW, dbias, dA, dB) of `_forward`, then dy·B; `needs` says which are wanted, in that order.
 
     lora_A / lora_B may be the adapter or the copies `_forward` made in the compute dtype;
@@ -184,7 +185,8 @@ def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: T
     W + s·B·A was kept, is used instead of building it again. dy·B (T, r) is returned
     last for a caller that computes dA itself (the gated-MLP node); with dropout,
     `dx_lora=False` leaves LoRA's share out of dx for that caller to add. `keep`, where the
-    kernels do not run, is forward's dropout mask, kept instead of made again.
+    kernels do not run, is forward's dropout mask, kept instead of made again. `dx_out` (T, in),
+    if given, receives dx added to what it holds (layers that read one input), and is returned.
     """
     need_dx, need_w, need_bias, need_a, need_b = needs
     ct = dy2.dtype
@@ -200,9 +202,10 @@ def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: T
         if w_eff is None:
             w_eff = torch.empty(n_out, n_in, dtype=ct, device=x2.device)  # (out, in)
             tk.build_w_eff(weight, a, b, scale, out=w_eff, use_kernel=kernels)
-        dx = dy2 @ w_eff  # dy·W_eff: (T, in)
+        dx = dy2 @ w_eff if dx_out is None else dx_out.addmm_(dy2, w_eff)  # dy·W_eff: (T, in)
     elif need_dx:
-        dx = dy2 @ as_dtype(weight, ct)  # (T, in)
+        w = as_dtype(weight, ct)
+        dx = dy2 @ w if dx_out is None else dx_out.addmm_(dy2, w)  # (T, in)
         if not dx_lora:
             pass
         elif kernels and need_a:  # both dropout terms from one pass and one mask
@@ -363,6 +366,62 @@ class GatedDownFunction(torch.autograd.Function):
         return dg, du, None, dw, dbias, d_a, d_b, None, None, None
 
 
+class GatedMLPFunction(torch.autograd.Function):
+    """down(act(gate(x)) ⊙ up(x)) with LoRA on gate, up and down, as one autograd node.
+
+    The arithmetic, and what is saved, of two LoraLinearFunction nodes and a GatedDownFunction
+    node, in one node: the autograd engine runs one backward instead of three, and x's
+    gradient is accumulated in place (dx += du·W_up) instead of being summed by an add
+    kernel. An eager step is paced by its host (benchmarks/RESULTS.md); this is host work
+    less per MLP. `parts` holds (weight, bias, A, B) of gate, up and down, in that order;
+    `scales`, `ps` and `seeds` one entry each for the three.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, act: str, wg: Tensor, bg: Tensor | None, ag: Tensor, bbg: Tensor, wu: Tensor,
+                bu: Tensor | None, au: Tensor, bbu: Tensor, wd: Tensor, bd: Tensor | None, ad: Tensor, bbd: Tensor,
+                scales: tuple[float, float, float], ps: tuple[float, float, float],
+                seeds: tuple[Tensor | None, Tensor | None, Tensor | None]) -> Tensor:
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (T, in)
+        keeps, outs = [], []
+        for (w, b, a, bb), s, p, seed in zip(((wg, bg, ag, bbg), (wu, bu, au, bbu)), scales, ps, seeds):
+            keeps.append(_cpu_keep(x2, p, seed))
+            outs.append(_forward(x2, w, b, a, bb, s, p, seed, keeps[-1]))  # (g or u, h, a, b, w_eff)
+        (g, hg, ag_c, bg_c, weff_g), (u, hu, au_c, bu_c, weff_u) = outs
+        keeps.append(_cpu_keep(g, ps[2], seeds[2]))
+        y, hd, ad_c, bd_c, weff_d = _gated_node_forward(g, u, act, wd, bd, ad, bbd, scales[2], ps[2], seeds[2],
+                                                        keeps[2])
+        weffs = (weff_g, weff_u, weff_d) if SAVE_W_EFF else (None, None, None)
+        ctx.save_for_backward(x, g, u, wg, wu, wd, ag_c, bg_c, au_c, bu_c, ad_c, bd_c, hg, hu, hd, *seeds, *weffs,
+                              *keeps)
+        ctx.act, ctx.scales, ctx.ps = act, scales, ps
+        ctx.dtypes = (ag.dtype, bbg.dtype, au.dtype, bbu.dtype, ad.dtype, bbd.dtype)
+        ctx.biases = (bg is not None, bu is not None, bd is not None)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        (x, g, u, wg, wu, wd, ag, bg, au, bu, ad, bd, hg, hu, hd, seed_g, seed_u, seed_d, weff_g, weff_u, weff_d,
+         keep_g, keep_u, keep_d) = ctx.saved_tensors
+        n = ctx.needs_input_grad  # x, act, (w, bias, A, B) of gate, up, down, scales, ps, seeds
+        (sg, su, sd), (pg, pu, pd), dt, has_bias = ctx.scales, ctx.ps, ctx.dtypes, ctx.biases
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dg, du, _, dbias_d, d_ad, d_bd = _gated_node_backward(
+            dy2, g, u, ctx.act, wd, ad, bd, hd, sd, pd, seed_d, (True, True, False, has_bias[2] and n[11], n[12], n[13]),
+            dt[4], dt[5], weff_d, keep_d)
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        dx, _, dbias_g, d_ag, d_bg, _ = _backward(dg, x2, wg, ag, bg, hg, sg, pg, seed_g,
+                                                  (n[0], False, has_bias[0] and n[3], n[4], n[5]), dt[0], dt[1],
+                                                  weff_g, keep=keep_g)
+        dx, _, dbias_u, d_au, d_bu, _ = _backward(du, x2, wu, au, bu, hu, su, pu, seed_u,
+                                                  (n[0], False, has_bias[1] and n[7], n[8], n[9]), dt[2], dt[3],
+                                                  weff_u, keep=keep_u, dx_out=dx)
+        if dx is not None:
+            dx = as_dtype(dx if x.dim() == 2 else dx.reshape(x.shape), x.dtype)
+        return (dx, None, None, dbias_g, d_ag, d_bg, None, dbias_u, d_au, d_bu, None, dbias_d, d_ad, d_bd,
+                None, None, None)
+
+
 # -- the same two nodes as opaque custom ops, for torch.compile ---------------------------
 #
 # Traced through (the default), the autograd functions above let the compiler's partitioner
@@ -497,6 +556,19 @@ def gated_down(g: Tensor, u: Tensor, act: str, weight: Tensor, bias: Tensor | No
     if _compiling(weight):
         return _gated_down_op(g, u, act, weight, bias, lora_A, lora_B, float(scale), p, _seed(p, seed, g.device))[0]
     return GatedDownFunction.apply(g, u, act, weight, bias, lora_A, lora_B, float(scale), p, _seed(p, seed, g.device))
+
+
+def gated_mlp(x: Tensor, act: str, parts, scales, dropouts, training: bool = False, seeds=None) -> Tensor:
+    """down(act(gate(x)) ⊙ up(x)) with LoRA on all three as one node (`GatedMLPFunction`).
+
+    parts: ((weight, bias, A, B) of gate, of up, of down), frozen base weights; scales and
+    dropouts one float each; seeds (optional) one dropout seed each.
+    """
+    ps = tuple(float(p) if training else 0.0 for p in dropouts)
+    seeds = tuple(_seed(p, s, x.device) for p, s in zip(ps, seeds or (None,) * 3))
+    (wg, bg, ag, bbg), (wu, bu, au, bbu), (wd, bd, ad, bbd) = parts
+    return GatedMLPFunction.apply(x, act, wg, bg, ag, bbg, wu, bu, au, bbu, wd, bd, ad, bbd,
+                                  tuple(float(s) for s in scales), ps, seeds)
 
 
 def lora_linear_inference(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
