@@ -285,6 +285,22 @@ def test_llama_mlp_runs_as_one_node_unless_turned_off_or_only_down_is_adapted():
     assert type(down_only.model.layers[0].mlp(x).grad_fn).__name__ == "GatedDownFunctionBackward"
 
 
+@pytest.mark.parametrize("part", ["gate_proj", "up_proj", "down_proj"])
+def test_a_hook_on_a_projection_of_a_fused_mlp_runs(part):
+    model = lorakit.inject(tiny_llama_causal(), lorakit.LoraConfig(r=4, target_modules=LLAMA_TARGETS))
+    mlp = model.model.layers[0].mlp
+    seen = []
+    getattr(mlp, part).register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    x = torch.randn(2, 3, 32, requires_grad=True)
+    y = mlp(x)
+    ops.set_fast_path(False)
+    try:
+        want = mlp(x)
+    finally:
+        ops.set_fast_path(True)
+    assert len(seen) == 2 and rel(y, want) < 1e-5
+
+
 def saved_shapes(fn):
     shapes = []
 

@@ -50,6 +50,12 @@ def is_gated_mlp(module: nn.Module) -> bool:
             and all(isinstance(getattr(module, n, None), nn.Module) for n in _PARTS))
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling `module` would run forward hooks, which the fused forwards, calling the
+    projections' math directly, would skip."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 def _one_node_parts(mlp: nn.Module, name: str, x: Tensor):
     """((weight, bias, A, B) of gate, up, down) when the whole MLP can run as one node with
     adapter `name`, else None: gate and up are LoRA layers like down, each with `name` alone
@@ -59,7 +65,7 @@ def _one_node_parts(mlp: nn.Module, name: str, x: Tensor):
         return None
     parts = []
     for layer in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-        if not (isinstance(layer, LoraLinear) and layer.route is None and not layer.fan_in_fan_out
+        if not (isinstance(layer, LoraLinear) and layer.route is None and not layer.fan_in_fan_out and not _hooked(layer)
                 and layer.unmerged_active() == [name] and layer.training == mlp.down_proj.training
                 and ops.fast_path_blocker(layer.base_layer, x) is None and not layer.base_layer.weight.requires_grad):
             return None
@@ -69,7 +75,8 @@ def _one_node_parts(mlp: nn.Module, name: str, x: Tensor):
 
 def _fused_forward(self: nn.Module, x: Tensor) -> Tensor:
     down = self.down_proj
-    if isinstance(down, LoraLinear) and down.route is None and torch.is_grad_enabled() and not down.fan_in_fan_out:
+    if (isinstance(down, LoraLinear) and down.route is None and torch.is_grad_enabled() and not down.fan_in_fan_out
+            and not _hooked(down)):
         active = down.unmerged_active()
         if len(active) == 1 and ops.fast_path_blocker(down.base_layer, x) is None:
             name = active[0]
