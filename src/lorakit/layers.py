@@ -243,18 +243,22 @@ class LoraLinear(LoraLayer):
         if len(active) == 1 and not args and not kwargs:
             name = active[0]
             grad = torch.is_grad_enabled()
-            reason = ops.fast_path_blocker(self.base_layer, x)
+            # The modules' own dicts, not attribute lookups through nn.Module: this runs for every
+            # layer of every step, and an eager step is paced by its host.
+            base = self._modules["base_layer"]
+            reason = ops.fast_path_blocker(base, x)
             if reason is None and not grad and torch.is_autocast_enabled(x.device.type):
                 reason = "autocast is on (the inference path runs in the input's dtype)"
             if reason is None and (grad or not (self.training and self.lora_dropout[name])):
-                base = self.base_layer
                 weight = base.weight.T if self.fan_in_fan_out else base.weight  # (out, in)
+                lora_A = self._modules[self.a_name]._parameters[name]
+                lora_B = self._modules[self.b_name]._parameters[name]
                 if not grad:
                     # Conv1D keeps its own GEMM, so a zero adapter leaves its output bit for bit
-                    return ops.lora_linear_inference(x, weight, base.bias, self.A_table[name], self.B_table[name],
-                                                     self.scaling[name], base if self.fan_in_fan_out else None)
-                return ops.fused_lora_linear(x, weight, base.bias, self.A_table[name], self.B_table[name],
-                                             self.scaling[name], self.lora_dropout[name], self.training)
+                    return ops.lora_linear_inference(x, weight, base.bias, lora_A, lora_B, self.scaling[name],
+                                                     base if self.fan_in_fan_out else None)
+                return ops.fused_lora_linear(x, weight, base.bias, lora_A, lora_B, self.scaling[name],
+                                             self.lora_dropout[name], self.training)
             if reason is not None and grad:
                 ops.log_fallback_once(reason)
         result = self.base_layer(x, *args, **kwargs)
