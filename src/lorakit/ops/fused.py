@@ -119,6 +119,22 @@ def _mm_out_dtype_ok(device: torch.device) -> bool:
     return ok
 
 
+_UNREAD: dict[tuple, Tensor] = {}  # (dtype, device) -> a 0-dim tensor for addmm's unread input (beta = 0)
+
+
+def _unread_input(like: Tensor, dtype: torch.dtype) -> Tensor:
+    """A 0-dim tensor to stand as addmm's input where beta = 0 (never read, so never written):
+    made once per dtype and device instead of an empty() call per GEMM. Under torch.compile a
+    fresh one, so no module-level tensor enters the traced graph."""
+    if torch.compiler.is_compiling():
+        return like.new_empty((), dtype=dtype)
+    key = (dtype, like.device)
+    t = _UNREAD.get(key)
+    if t is None:
+        t = _UNREAD[key] = like.new_empty((), dtype=dtype)
+    return t
+
+
 def _scaled_mm(m1: Tensor, m2: Tensor, scale: float, dtype: torch.dtype | None = None) -> Tensor:
     """scale·m1·m2 in `dtype` (default m1's) with the scale applied in the GEMM's epilogue.
 
@@ -129,10 +145,10 @@ def _scaled_mm(m1: Tensor, m2: Tensor, scale: float, dtype: torch.dtype | None =
     if scale == 1.0 and dtype == m1.dtype:
         return m1 @ m2
     if dtype == m1.dtype:
-        return torch.addmm(m1.new_empty(()), m1, m2, beta=0, alpha=scale)  # beta=0: the first argument is not read
+        return torch.addmm(_unread_input(m1, dtype), m1, m2, beta=0, alpha=scale)  # beta=0: input not read
     if (dtype == torch.float32 and m1.dtype in (torch.float16, torch.bfloat16) and m1.is_cuda
             and not torch.compiler.is_compiling() and _mm_out_dtype_ok(m1.device)):
-        return torch.addmm(m1.new_empty((), dtype=dtype), m1, m2, out_dtype=dtype, beta=0, alpha=scale)
+        return torch.addmm(_unread_input(m1, dtype), m1, m2, out_dtype=dtype, beta=0, alpha=scale)
     return _scaled_mm(m1, m2, scale).to(dtype)
 
 
