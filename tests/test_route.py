@@ -277,3 +277,24 @@ def test_inference_under_autocast_matches_the_reference_path():
             ops.set_fast_path(True)
     assert torch.equal(single, want)
     assert mixed.dtype == want.dtype
+
+
+def test_prefill_checks_its_arguments_once_per_shape(monkeypatch):
+    """A prefill-sized mixed batch checks each layer's tables and shapes on its first call of a
+    shape; calls that repeat it skip the checks; the results are the same either way."""
+    monkeypatch.setattr(ops.multi, "DENSE_MAX_TOKENS", 0)
+    checks = []
+    real = ops.multi._check_table
+    monkeypatch.setattr(ops.multi, "_check_table", lambda *a: checks.append(a[0]) or real(*a))
+    model = with_adapters(tiny_llama_causal(), LLAMA_TARGETS)
+    ids = input_ids()
+    assert ids.shape[0] == 2
+    with torch.no_grad(), lorakit.route(model, ["a", "b"]):
+        first = model(input_ids=ids).logits
+        n_first = len(checks)
+        again = model(input_ids=ids).logits
+        n_again = len(checks) - n_first
+        model(input_ids=ids[:, :-1])
+        n_new_shape = len(checks) - n_first - n_again
+    assert n_first > 0 and n_again == 0 and n_new_shape == n_first
+    assert torch.equal(first, again)

@@ -81,6 +81,7 @@ class LoraLayer(nn.Module):
         self.route: Route | None = None
         self._stacks: dict[tuple, tuple] = {}  # padded adapter tables for the mixed-batch kernels
         self._plan: DecodePlan | None = None  # the last few-token mixed-batch call's tensors, reused by the next
+        self._checked: tuple | None = None  # the last prefill-sized mixed-batch call whose arguments were checked
 
     def __getattr__(self, name: str):
         # Code that reads `layer.weight`, `layer.in_features`, ... sees the base layer's.
@@ -278,7 +279,8 @@ class LoraLinear(LoraLayer):
             return self._decode_step(x, plan).view(*x.shape[:-1], self.out_features)
         self.check_routable()
         route = self.route
-        names = [n for n in route.names if n in self.A_table]
+        loaded = self._modules[self.a_name]._parameters  # the table's own dict: this runs for every layer call
+        names = [n for n in route.names if n in loaded]
         differentiable = torch.is_grad_enabled() or (self.training and any(self.lora_dropout[n] for n in names))
         if differentiable or self.disabled or not names or torch.is_autocast_enabled(x.device.type):
             result = self.base_layer(x, *args, **kwargs)
@@ -307,12 +309,17 @@ class LoraLinear(LoraLayer):
                                     mask, tokens)
             route.note_input(self, x)
             y = self._decode_step(x, self._plan, group=False)
-        elif plain:
-            y = ops.multi.multi_lora_linear(x3, weight, base.bias, a_stack, b_stack, row_adapter)
         else:
-            y = base(x, *args, **kwargs).reshape(-1, n_out)
-            h = ops.multi.lora_shrink(x2, a_stack, row_adapter, seq)
-            ops.multi.lora_expand_add_(y, h, b_stack, row_adapter, seq)
+            # The first call of a context and shape checks the tables and shapes; later calls,
+            # which repeat them, skip the checks (host time per layer call).
+            key = (id(a_stack), id(b_stack), id(row_adapter), x.shape, x.dtype)
+            check, self._checked = self._checked != key, key
+            if plain:
+                y = ops.multi.multi_lora_linear(x3, weight, base.bias, a_stack, b_stack, row_adapter, check=check)
+            else:
+                y = base(x, *args, **kwargs).reshape(-1, n_out)
+                h = ops.multi.lora_shrink(x2, a_stack, row_adapter, seq, check=check)
+                ops.multi.lora_expand_add_(y, h, b_stack, row_adapter, seq, check=check)
         return y.reshape(*x.shape[:-1], n_out)
 
     def _decode_step(self, x: Tensor, plan: DecodePlan, group: bool = True) -> Tensor:

@@ -253,15 +253,17 @@ def _expand_grid(n_rows: int, seq: int, n_out: int, R: int) -> tuple[tuple[int, 
 # -- the ops ---------------------------------------------------------------------------------
 
 
-def lora_shrink(x2: Tensor, a_stack: Tensor, row_adapter: Tensor, seq: int) -> Tensor:
+def lora_shrink(x2: Tensor, a_stack: Tensor, row_adapter: Tensor, seq: int, check: bool = True) -> Tensor:
     """h (T, R) float32: h[t] = x2[t]·a_stack[row_adapter[t // seq]]ᵀ, zero where row_adapter is -1.
 
     x2 (T, in) with T = n_rows·seq (row b owns tokens b·seq .. b·seq + seq - 1); a_stack
     (N, R, in) in x2's dtype; row_adapter (n_rows,) int32 on x2's device, values in [-1, N)
-    (not checked: that would need a host sync). float64 inputs give a float64 h.
+    (not checked: that would need a host sync). float64 inputs give a float64 h. `check=False`
+    skips the argument checks, for callers that checked the same tables and shapes before.
     """
-    _check_tokens("x2", x2, row_adapter, seq)
-    _check_table("a_stack", a_stack, (None, x2.shape[1]), x2.dtype, x2.device)
+    if check:
+        _check_tokens("x2", x2, row_adapter, seq)
+        _check_table("a_stack", a_stack, (None, x2.shape[1]), x2.dtype, x2.device)
     R = a_stack.shape[1]
     if not kernels_usable(x2, R):
         return lora_shrink_torch(x2, a_stack, row_adapter, seq)
@@ -277,15 +279,17 @@ def lora_shrink(x2: Tensor, a_stack: Tensor, row_adapter: Tensor, seq: int) -> T
 
 
 def lora_expand(h: Tensor, b_stack: Tensor, row_adapter: Tensor, seq: int, bias: Tensor | None,
-                out_dtype: torch.dtype) -> Tensor:
+                out_dtype: torch.dtype, check: bool = True) -> Tensor:
     """E (T, out) in out_dtype: E[t] = h[t]·b_stack[a]ᵀ + bias with a = row_adapter[t // seq].
 
     Rows whose adapter is -1 get the bias alone (zeros if bias is None). h (T, R) as
     `lora_shrink` returns it; b_stack (N, out, R), already scaled; bias (out,) or None.
+    `check=False` as for `lora_shrink`.
     """
-    _check_h(h, b_stack, row_adapter, seq)
+    if check:
+        _check_h(h, b_stack, row_adapter, seq)
     n_out, R = b_stack.shape[1], b_stack.shape[2]
-    if bias is not None and (bias.shape != (n_out,) or bias.device != h.device):
+    if check and bias is not None and (bias.shape != (n_out,) or bias.device != h.device):
         raise ValueError(f"bias: expected shape ({n_out},) on {h.device}; found {tuple(bias.shape)} on {bias.device}")
     if not kernels_usable(b_stack, R):
         return lora_expand_torch(h, b_stack, row_adapter, seq, bias, out_dtype)
@@ -299,11 +303,14 @@ def lora_expand(h: Tensor, b_stack: Tensor, row_adapter: Tensor, seq: int, bias:
     return out
 
 
-def lora_expand_add_(y2: Tensor, h: Tensor, b_stack: Tensor, row_adapter: Tensor, seq: int) -> Tensor:
-    """In place: y2[t] += h[t]·b_stack[a]ᵀ for tokens whose row has an adapter; returns y2 (T, out)."""
-    _check_h(h, b_stack, row_adapter, seq)
+def lora_expand_add_(y2: Tensor, h: Tensor, b_stack: Tensor, row_adapter: Tensor, seq: int,
+                     check: bool = True) -> Tensor:
+    """In place: y2[t] += h[t]·b_stack[a]ᵀ for tokens whose row has an adapter; returns y2 (T, out).
+    `check=False` as for `lora_shrink`."""
+    if check:
+        _check_h(h, b_stack, row_adapter, seq)
     n_out, R = b_stack.shape[1], b_stack.shape[2]
-    if y2.shape != (h.shape[0], n_out) or y2.device != h.device:
+    if check and (y2.shape != (h.shape[0], n_out) or y2.device != h.device):
         raise ValueError(f"y2: expected shape ({h.shape[0]}, {n_out}) on {h.device}; "
                          f"found {tuple(y2.shape)} on {y2.device}")
     if not kernels_usable(b_stack, R):
@@ -318,14 +325,21 @@ def lora_expand_add_(y2: Tensor, h: Tensor, b_stack: Tensor, row_adapter: Tensor
 
 
 def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a_stack: Tensor, b_stack: Tensor,
-                      row_adapter: Tensor) -> Tensor:
+                      row_adapter: Tensor, check: bool = True) -> Tensor:
     """y = x·Wᵀ + bias + x·A[a]ᵀ·B[a]ᵀ, a = row_adapter[row] (no LoRA term where a = -1).
 
     x (n_rows, seq, in) or (n_rows, in) (seq = 1); weight (out, in) in x's dtype; a_stack
     (N, R, in) and b_stack (N, out, R) from `stack_adapters`; row_adapter (n_rows,) int32.
     Returns (n_rows, seq, out) or (n_rows, out) in x's dtype. The base GEMM adds into the
-    expand kernel's output in place, so y costs no copy beyond it.
+    expand kernel's output in place, so y costs no copy beyond it. `check=False` skips the
+    argument checks, for callers that checked the same tables and shapes before.
     """
+    if not check:
+        seq = 1 if x.dim() == 2 else x.shape[1]
+        x2 = x.reshape(-1, x.shape[-1])
+        h = lora_shrink(x2, a_stack, row_adapter, seq, check=False)
+        e = lora_expand(h, b_stack, row_adapter, seq, bias, x.dtype, check=False)
+        return e.addmm_(x2, weight.T).view(*x.shape[:-1], weight.shape[0])
     if x.dim() not in (2, 3):
         raise ValueError(f"x: expected (n_rows, seq, in) or (n_rows, in); found shape {tuple(x.shape)}")
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1] or weight.dtype != x.dtype:
