@@ -389,8 +389,8 @@ class GatedMLPFunction(torch.autograd.Function):
     node, in one node: the autograd engine runs one backward instead of three, and x's
     gradient is accumulated in place (dx += du·W_up) instead of being summed by an add
     kernel. An eager step is paced by its host (benchmarks/RESULTS.md); this is host work
-    less per MLP. `parts` holds (weight, bias, A, B) of gate, up and down, in that order;
-    `scales`, `ps` and `seeds` one entry each for the three.
+    less per MLP. The tensor arguments are (weight, bias, A, B) of gate, up and down in turn;
+    `scales`, `ps` and `seeds` hold one entry each for the three.
     """
 
     @staticmethod
