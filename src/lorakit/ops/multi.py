@@ -334,23 +334,18 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a_stack: T
     expand kernel's output in place, so y costs no copy beyond it. `check=False` skips the
     argument checks, for callers that checked the same tables and shapes before.
     """
-    if not check:
-        seq = 1 if x.dim() == 2 else x.shape[1]
-        x2 = x.reshape(-1, x.shape[-1])
-        h = lora_shrink(x2, a_stack, row_adapter, seq, check=False)
-        e = lora_expand(h, b_stack, row_adapter, seq, bias, x.dtype, check=False)
-        return e.addmm_(x2, weight.T).view(*x.shape[:-1], weight.shape[0])
-    if x.dim() not in (2, 3):
-        raise ValueError(f"x: expected (n_rows, seq, in) or (n_rows, in); found shape {tuple(x.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != x.shape[-1] or weight.dtype != x.dtype:
-        raise ValueError(f"weight: expected shape (out, {x.shape[-1]}) in {x.dtype}; "
-                         f"found {tuple(weight.shape)} in {weight.dtype}")
+    if check:
+        if x.dim() not in (2, 3):
+            raise ValueError(f"x: expected (n_rows, seq, in) or (n_rows, in); found shape {tuple(x.shape)}")
+        if weight.dim() != 2 or weight.shape[1] != x.shape[-1] or weight.dtype != x.dtype:
+            raise ValueError(f"weight: expected shape (out, {x.shape[-1]}) in {x.dtype}; "
+                             f"found {tuple(weight.shape)} in {weight.dtype}")
+        _check_table("b_stack", b_stack, (weight.shape[0], None), x.dtype, x.device)
     n_out, n_in = weight.shape
-    _check_table("b_stack", b_stack, (n_out, None), x.dtype, x.device)
     seq = 1 if x.dim() == 2 else x.shape[1]
     x2 = x.reshape(-1, n_in)  # (T, in)
-    h = lora_shrink(x2, a_stack, row_adapter, seq)  # (T, R) float32
-    e = lora_expand(h, b_stack, row_adapter, seq, bias, x.dtype)  # (T, out)
+    h = lora_shrink(x2, a_stack, row_adapter, seq, check=check)  # (T, R) float32
+    e = lora_expand(h, b_stack, row_adapter, seq, bias, x.dtype, check=check)  # (T, out)
     return e.addmm_(x2, weight.T).view(*x.shape[:-1], n_out)
 
 
