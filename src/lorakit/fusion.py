@@ -22,6 +22,7 @@ from lorakit.layers import LoraLinear
 from lorakit.ops.fused import env_flag
 
 _MARK = "_lorakit_gated_mlp"
+_PARTS = ("gate_proj", "up_proj", "down_proj")
 
 # Run a recognised MLP whose three projections all carry LoRA as one autograd node
 # (`ops.fused.GatedMLPFunction`) instead of three. LORAKIT_WHOLE_MLP_NODE=0 or
@@ -33,7 +34,6 @@ def set_whole_mlp_node(enabled: bool) -> None:
     """Run gate, up and down of a gated MLP as one autograd node (see WHOLE_MLP_NODE)."""
     global WHOLE_MLP_NODE
     WHOLE_MLP_NODE = bool(enabled)
-_PARTS = ("gate_proj", "up_proj", "down_proj")
 
 
 def activation_kind(act: object) -> str | None:
@@ -58,19 +58,20 @@ def _hooked(module: nn.Module) -> bool:
 
 def _one_node_parts(mlp: nn.Module, name: str, x: Tensor):
     """((weight, bias, A, B) of gate, up, down) when the whole MLP can run as one node with
-    adapter `name`, else None: gate and up are LoRA layers like down, each with `name` alone
-    active, frozen plain linear bases, no hooks; not under torch.compile (which keeps its own
+    adapter `name`, else None. `_fused_forward` has checked down_proj already; gate and up must
+    be LoRA layers like it, each with `name` alone active, no hooks, in down's training mode,
+    and all three bases frozen plain linear layers. Not under torch.compile (which keeps its own
     per-layer graph)."""
-    if not WHOLE_MLP_NODE or torch.compiler.is_compiling():
+    down = mlp.down_proj
+    if not WHOLE_MLP_NODE or torch.compiler.is_compiling() or down.base_layer.weight.requires_grad:
         return None
-    parts = []
-    for layer in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+    for layer in (mlp.gate_proj, mlp.up_proj):
         if not (isinstance(layer, LoraLinear) and layer.route is None and not layer.fan_in_fan_out and not _hooked(layer)
-                and layer.unmerged_active() == [name] and layer.training == mlp.down_proj.training
+                and layer.unmerged_active() == [name] and layer.training == down.training
                 and ops.fast_path_blocker(layer.base_layer, x) is None and not layer.base_layer.weight.requires_grad):
             return None
-        parts.append((layer.base_layer.weight, layer.base_layer.bias, layer.A_table[name], layer.B_table[name]))
-    return parts
+    return [(m.base_layer.weight, m.base_layer.bias, m.A_table[name], m.B_table[name])
+            for m in (mlp.gate_proj, mlp.up_proj, down)]
 
 
 def _fused_forward(self: nn.Module, x: Tensor) -> Tensor:
