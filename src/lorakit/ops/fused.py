@@ -46,6 +46,16 @@ def env_flag(name: str, default: bool) -> bool:
     return value not in ("0", "false", "off", "no") if default else value in ("1", "true", "on", "yes")
 
 
+def _rows(t: Tensor) -> Tensor:
+    """t (..., n) as (T, n): t itself where it is 2-D already (no reshape call)."""
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
+
+
+def _unrows(t2: Tensor, like: Tensor) -> Tensor:
+    """t2 (T, m) back in the leading shape of `like` (..., n): (..., m)."""
+    return t2 if like.dim() == 2 else t2.reshape(*like.shape[:-1], t2.shape[-1])
+
+
 def _keep_mask(x2: Tensor, p: float, seed: Tensor) -> Tensor:
     """The boolean keep-mask of x2 (T, in) for `seed`: the kernels' mask, made with torch ops
     (where the kernels do not run). Callers apply 1/(1-p) in a GEMM's scale, not per element."""
@@ -58,7 +68,7 @@ def _cpu_keep(x: Tensor, p: float, seed: Tensor | None) -> Tensor | None:
     the dropout step's extra time on a CPU). None where the kernels run or without dropout."""
     if not p or _kernels(x):
         return None
-    return _keep_mask(x.reshape(-1, x.shape[-1]), p, seed)
+    return _keep_mask(_rows(x), p, seed)
 
 
 def new_seed(device: torch.device | str = "cpu") -> Tensor:
@@ -252,10 +262,8 @@ def _linear_node_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A:
                          scale: float, p: float, seed: Tensor | None, keep: Tensor | None = None
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """`_forward` for x (..., in): (y (..., out), h (T, r), a, b, w_eff)."""
-    if x.dim() == 2:
-        return _forward(x, weight, bias, lora_A, lora_B, scale, p, seed, keep)
-    y, *rest = _forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, scale, p, seed, keep)
-    return y.reshape(*x.shape[:-1], y.shape[-1]), *rest
+    y, *rest = _forward(_rows(x), weight, bias, lora_A, lora_B, scale, p, seed, keep)
+    return _unrows(y, x), *rest
 
 
 def _linear_node_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, h: Tensor,
@@ -263,12 +271,10 @@ def _linear_node_backward(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor,
                           a_dtype: torch.dtype, b_dtype: torch.dtype, w_eff: Tensor | None = None,
                           dx_lora: bool = True, keep: Tensor | None = None):
     """`_backward` for dy (..., out): (dx in x's shape and dtype, dW, dbias, dA, dB, dy·B), None where not wanted."""
-    flat = x.dim() == 2
-    dx, dw, dbias, d_a, d_b, dyb = _backward(dy if flat else dy.reshape(-1, dy.shape[-1]),
-                                             x if flat else x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, h,
-                                             scale, p, seed, needs, a_dtype, b_dtype, w_eff, dx_lora, keep)
+    dx, dw, dbias, d_a, d_b, dyb = _backward(_rows(dy), _rows(x), weight, lora_A, lora_B, h, scale, p, seed, needs,
+                                             a_dtype, b_dtype, w_eff, dx_lora, keep)
     if dx is not None:
-        dx = as_dtype(dx if flat else dx.reshape(x.shape), x.dtype)
+        dx = as_dtype(_unrows(dx, x), x.dtype)
     return dx, dw, dbias, d_a, d_b, dyb
 
 
@@ -398,7 +404,7 @@ class GatedMLPFunction(torch.autograd.Function):
                 bu: Tensor | None, au: Tensor, bbu: Tensor, wd: Tensor, bd: Tensor | None, ad: Tensor, bbd: Tensor,
                 scales: tuple[float, float, float], ps: tuple[float, float, float],
                 seeds: tuple[Tensor | None, Tensor | None, Tensor | None]) -> Tensor:
-        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # (T, in)
+        x2 = _rows(x)  # (T, in)
         keeps, outs = [], []
         for (w, b, a, bb), s, p, seed in zip(((wg, bg, ag, bbg), (wu, bu, au, bbu)), scales, ps, seeds):
             keeps.append(_cpu_keep(x2, p, seed))
@@ -413,7 +419,7 @@ class GatedMLPFunction(torch.autograd.Function):
         ctx.act, ctx.scales, ctx.ps = act, scales, ps
         ctx.dtypes = (ag.dtype, bbg.dtype, au.dtype, bbu.dtype, ad.dtype, bbd.dtype)
         ctx.biases = (bg is not None, bu is not None, bd is not None)
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+        return _unrows(y, x)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
@@ -421,11 +427,11 @@ class GatedMLPFunction(torch.autograd.Function):
          keep_g, keep_u, keep_d) = ctx.saved_tensors
         n = ctx.needs_input_grad  # x, act, (w, bias, A, B) of gate, up, down, scales, ps, seeds
         (sg, su, sd), (pg, pu, pd), dt, has_bias = ctx.scales, ctx.ps, ctx.dtypes, ctx.biases
-        dy2 = dy.reshape(-1, dy.shape[-1])
+        dy2 = _rows(dy)
         dg, du, _, dbias_d, d_ad, d_bd = _gated_node_backward(
             dy2, g, u, ctx.act, wd, ad, bd, hd, sd, pd, seed_d, (True, True, False, has_bias[2] and n[11], n[12], n[13]),
             dt[4], dt[5], weff_d, keep_d)
-        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        x2 = _rows(x)
         dx, _, dbias_g, d_ag, d_bg, _ = _backward(dg, x2, wg, ag, bg, hg, sg, pg, seed_g,
                                                   (n[0], False, has_bias[0] and n[3], n[4], n[5]), dt[0], dt[1],
                                                   weff_g, keep=keep_g)
@@ -433,7 +439,7 @@ class GatedMLPFunction(torch.autograd.Function):
                                                   (n[0], False, has_bias[1] and n[7], n[8], n[9]), dt[2], dt[3],
                                                   weff_u, keep=keep_u, dx_out=dx)
         if dx is not None:
-            dx = as_dtype(dx if x.dim() == 2 else dx.reshape(x.shape), x.dtype)
+            dx = as_dtype(_unrows(dx, x), x.dtype)
         return (dx, None, None, dbias_g, d_ag, d_bg, None, dbias_u, d_au, d_bu, None, dbias_d, d_ad, d_bd,
                 None, None, None)
 
