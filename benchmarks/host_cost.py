@@ -94,6 +94,7 @@ def main(profile: bool = False) -> None:
         llama = LlamaForCausalLM(cfg).to(bf)
     lorakit.inject(llama, lorakit.LoraConfig(r=16, target_modules=["gate_proj", "up_proj", "down_proj"]))
     mlp = llama.model.layers[0].mlp
+    whole_default = fusion.WHOLE_MLP_NODE
 
     def mlp_step(whole: bool):
         def run():
@@ -109,6 +110,7 @@ def main(profile: bool = False) -> None:
     print(f"\n{'call':<60} {'µs per call':>11}")
     for name, fn in rows.items():
         print(f"{name:<60} {per_call_us(fn):>11.1f}")
+    fusion.set_whole_mlp_node(whole_default)  # the MLP rows switch it per call
 
 
 if __name__ == "__main__":
