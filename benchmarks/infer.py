@@ -86,6 +86,25 @@ def timed(fns: dict, warm: int, reps: int, rounds: int = 5) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def interleaved_samples(fns: dict, rounds: int, label: str) -> dict:
+    """Each `fns[name]()`'s results (a list of seconds, or one), `rounds` rounds with every function
+    called in turn each round, as in `timed`. A function that raises is left out from then on,
+    with a line why, and the other rows are kept."""
+    samples: dict = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            if samples[name] is None:
+                continue
+            try:
+                got = fn()
+            except Exception as exc:  # say why and keep the other rows
+                print(f"# {label} {name} failed: {type(exc).__name__}: {exc}"[:400], file=sys.stderr)
+                samples[name] = None
+                continue
+            samples[name] += got if isinstance(got, list) else [got]
+    return {name: t for name, t in samples.items() if t}
+
+
 def graphed_times(fns: dict, reps: int, rounds: int = 5, warm: int = 2, contexts: dict | None = None) -> dict:
     """Median seconds of each `fns[name]()` replayed from a CUDA graph: the GPU's own cost, with
     no host launches. Interleaved as in `timed`: each of `rounds` rounds captures every function
@@ -93,20 +112,18 @@ def graphed_times(fns: dict, reps: int, rounds: int = 5, warm: int = 2, contexts
     replays it `reps // rounds` times, so drift of the GPU's clocks falls on all alike. A
     function that cannot be captured is left out, with a line why."""
     contexts = contexts or {}
-    samples: dict = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            if samples[name] is None:
-                continue
-            try:
-                with contexts.get(name, contextlib.nullcontext)():
-                    graph = capture(fn, warm)
-                    samples[name] += replay_times(graph, max(1, reps // rounds), 1)
-                    del graph
-            except Exception as exc:  # say why and keep the other rows
-                print(f"# graphed {name} failed: {type(exc).__name__}: {exc}"[:400], file=sys.stderr)
-                samples[name] = None
-    return {name: statistics.median(t) for name, t in samples.items() if t}
+
+    def replays(name, fn):
+        def run():
+            with contexts.get(name, contextlib.nullcontext)():
+                graph = capture(fn, warm)
+                times = replay_times(graph, max(1, reps // rounds), 1)
+                del graph
+            return times
+        return run
+
+    samples = interleaved_samples({name: replays(name, fn) for name, fn in fns.items()}, rounds, "graphed")
+    return {name: statistics.median(t) for name, t in samples.items()}
 
 
 def prefill(model, ids, **kw):
@@ -320,19 +337,9 @@ def main() -> None:
             cfg = dict(zip(("BN", "num_warps"), map(int, spec.split(":"))))
             graph_runs.append((f"lorakit 16 adapters, grouped BN={cfg['BN']} warps={cfg['num_warps']}",
                                forced(graphed_mixed, GROUP_CONFIG=cfg)))
-        graph_samples = {run: [] for run, _ in graph_runs}
-        for _ in range(3):  # interleaved, as in `timed`; each run captures its own graph and cache
-            for run, fn in graph_runs:
-                if graph_samples[run] is None:
-                    continue
-                try:
-                    graph_samples[run].append(fn())
-                except Exception as exc:  # say why and keep the other rows
-                    print(f"# graphed decode of {run} failed: {type(exc).__name__}: {exc}"[:400], file=sys.stderr)
-                    graph_samples[run] = None
-        for run, t in graph_samples.items():
-            if t:
-                add("decode, CUDA graph", run, statistics.median(t))
+        # each run captures its own graph and cache
+        for run, t in interleaved_samples(dict(graph_runs), 3, "graphed decode of").items():
+            add("decode, CUDA graph", run, statistics.median(t))
 
     if not args.skip_graphs:
         # The shipped helper, lorakit.graphed_generate: prefill, two eager warm-up steps, capture, then
