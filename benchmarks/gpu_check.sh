@@ -21,10 +21,14 @@
 #   bash benchmarks/gpu_check.sh 13 [OUT_DIR]  # the mixed-batch GPU tests, eager inference rows only (<= 4 min)
 #   bash benchmarks/gpu_check.sh 14 [OUT_DIR]  # bf16 GPU tests, eager and graphed steps with the three-node MLP
 #                                              # control, and eager steps of an earlier tree (<= 9.2 min)
-#   bash benchmarks/gpu_check.sh 15 [OUT_DIR]  # host cost per call and eager inference rows, this tree and an
-#                                              # earlier one (<= 8 min)
+#   bash benchmarks/gpu_check.sh 15 [OUT_DIR]  # host cost per call, a direct-launch experiment and eager inference
+#                                              # rows, this tree and an earlier one (<= 9 min)
+#   bash benchmarks/gpu_check.sh 16 [OUT_DIR]  # bf16 GPU tests, the dropout kernels and the gated backward (micro),
+#                                              # eager and graphed steps, this tree and an earlier one (<= 9.3 min)
+#   bash benchmarks/gpu_check.sh 17 [OUT_DIR]  # the dropout kernels and the gated backward (micro), host cost per
+#                                              # call, the direct-launch experiment, this tree and an earlier one (<= 7 min)
 #
-# Parts 14 and 15 compare with an earlier tree where .carry/before/ holds one (its src/ and
+# Parts 14 to 17 compare with an earlier tree where .carry/before/ holds one (its src/ and
 # benchmarks/, e.g. `git archive d94617a src benchmarks | tar -x -C .carry/before`), run in
 # processes of their own on the same machine.
 #
@@ -137,6 +141,7 @@ elif [ "$part" = 14 ]; then
 elif [ "$part" = 15 ]; then
     cd benchmarks
     step host-cost 60 python host_cost.py
+    step direct-launch 60 python direct_launch.py
     step infer-eager 150 python infer.py --reps 10 --decode-steps 64 --skip-peft --skip-graphs \
         --json "$out/infer-eager.json"
     if [ -d ../.carry/before/src ]; then
@@ -145,7 +150,32 @@ elif [ "$part" = 15 ]; then
             && step infer-eager-before 150 python infer.py --reps 10 --decode-steps 64 --skip-peft --skip-graphs \
                 --json "$out/infer-eager-before.json")
     fi
+elif [ "$part" = 16 ]; then
+    step gpu-tests 150 python -m pytest -q -p no:cacheprovider tests/test_gpu.py
+    cd benchmarks
+    step micro-masked 60 python micro_lora_ops.py --masked
+    step micro-gated 45 python micro_lora_ops.py --gated
+    step train-eager-graphed 120 python train_step.py --modes eager,graphed --methods floor,lorakit --dropouts 0,0.1 \
+        --json "$out/train-eager-graphed.json"
+    if [ -d ../.carry/before/src ]; then
+        (cd ../.carry/before/benchmarks && export PYTHONPATH="$PWD/../src" \
+            && step micro-masked-before 60 python micro_lora_ops.py --masked \
+            && step micro-gated-before 45 python micro_lora_ops.py --gated \
+            && step train-eager-graphed-before 120 python train_step.py --modes eager,graphed --methods floor,lorakit \
+                --dropouts 0.1 --json "$out/train-eager-graphed-before.json")
+    fi
+elif [ "$part" = 17 ]; then
+    cd benchmarks
+    step micro-masked 90 python micro_lora_ops.py --masked
+    step micro-gated 60 python micro_lora_ops.py --gated
+    step host-cost 60 python host_cost.py
+    step direct-launch 60 python direct_launch.py
+    if [ -d ../.carry/before/src ]; then
+        (cd ../.carry/before/benchmarks && export PYTHONPATH="$PWD/../src" \
+            && step micro-masked-before 90 python micro_lora_ops.py --masked \
+            && step micro-gated-before 60 python micro_lora_ops.py --gated)
+    fi
 else
-    echo "usage: bash benchmarks/gpu_check.sh 1|...|15 [OUT_DIR]" >&2
+    echo "usage: bash benchmarks/gpu_check.sh 1|...|17 [OUT_DIR]" >&2
     exit 2
 fi

@@ -58,6 +58,7 @@ def kernels(T: int = 8192, r: int = 16) -> None:
     from lorakit.ops import triton_kernels as tk
 
     dev, dt = "cuda", torch.bfloat16
+    seed = tk.seed_tensor(3, dev)  # a device tensor: an int would be copied to it during capture
     print(f"\n{'shape':<8} {'addmm':>7} {'k:Weff':>7} {'k:Wcol':>7} {'xA':>7} {'k:shr':>7} {'dyBᵀx':>7} "
           f"{'k:dA':>7} {'dxadd':>7} {'k:dx':>7}   (ms)")
     for name, (fin, fout) in SHAPES.items():
@@ -71,9 +72,9 @@ def kernels(T: int = 8192, r: int = 16) -> None:
         mask = torch.rand(T, fin, device=dev) > 0.1
         row = [bench(lambda: torch.addmm(w, b, a, alpha=2.0)), bench(lambda: tk.build_w_eff(w, a, b, 2.0)),
                bench(lambda: tk.build_w_eff(w, a, b, 2.0, out=cols[:, :fin])), bench(lambda: x @ a.T),
-               bench(lambda: tk.masked_shrink(x, a, 0.1, 3)), bench(lambda: dyb.T @ x),
-               bench(lambda: tk.masked_grad_a(dyb, x, 0.1, 3)), bench(lambda: dx.addcmul_(dyb @ a, mask)),
-               bench(lambda: tk.masked_dx_add_(dx, dyb, a, 2.0, 0.1, 3))]
+               bench(lambda: tk.masked_shrink(x, a, 0.1, seed)), bench(lambda: dyb.T @ x),
+               bench(lambda: tk.masked_grad_a(dyb, x, 0.1, seed)), bench(lambda: dx.addcmul_(dyb @ a, mask)),
+               bench(lambda: tk.masked_dx_add_(dx, dyb, a, 2.0, 0.1, seed))]
         print(f"{name:<8} " + " ".join(f"{v:7.3f}" for v in row))
 
 
@@ -138,6 +139,7 @@ def gated(T: int = 8192, width: int = 8192, r: int = 16) -> None:
     from lorakit.ops import triton_kernels as tk
 
     dev, dt = "cuda", torch.bfloat16
+    seed = tk.seed_tensor(3, dev)  # a device tensor: an int would be copied to it during capture
     g, u, dz = (torch.randn(T, width, device=dev, dtype=dt) for _ in range(3))
     dyb = torch.randn(T, r, device=dev, dtype=dt)
     act_g = F.silu(g)
@@ -173,7 +175,7 @@ def gated(T: int = 8192, width: int = 8192, r: int = 16) -> None:
                                     (16, 64, 4, 8192), (64, 64, 8, 2048), (16, 128, 8, 4096)]:
         tk.GATED_BACKWARD_DROPOUT_CONFIG.update(BT=bt, BN=bn, num_warps=warps, programs=programs)
         rows.append((f"backward, dropout 0.1: kernel BT={bt} BN={bn} warps={warps} programs~{programs}",
-                     bench(lambda: tk.gated_backward(dz, g, u, dyb, "silu", 2.0, 0.1, 3, a)), 5))
+                     bench(lambda: tk.gated_backward(dz, g, u, dyb, "silu", 2.0, 0.1, seed, a)), 5))
     tk.GATED_BACKWARD_DROPOUT_CONFIG.update(default)
     print(f"\n{'gated MLP elementwise (T=' + str(T) + ', width=' + str(width) + ')':<62} {'ms':>7} {'GB/s':>7}")
     for name, ms, tensors in rows:
@@ -186,6 +188,7 @@ def masked(T: int = 8192, r: int = 16) -> None:
     from lorakit.ops import triton_kernels as tk
 
     dev, dt = "cuda", torch.bfloat16
+    seed = tk.seed_tensor(3, dev)  # a device tensor: an int would be copied to it during capture
     widths = {"in=2048": 2048, "in=8192": 8192}
     data = {k: (torch.randn(T, n, device=dev, dtype=dt), torch.randn(r, n, device=dev, dtype=dt) * 0.02)
             for k, n in widths.items()}
@@ -199,19 +202,19 @@ def masked(T: int = 8192, r: int = 16) -> None:
         default = {k: dict(v) for k, v in tk.MASKED_CONFIG.items()}
         for cfg in [(64, 64, 4), (32, 128, 4), (16, 128, 4), (32, 64, 2), (16, 256, 4)]:
             tk.MASKED_CONFIG["shrink"] = dict(zip(("BT", "BK", "num_warps"), cfg))
-            rows.append((f"shrink kernel BT,BK,warps={cfg}", name, bench(lambda: tk.masked_shrink(x, a, 0.1, 3))))
+            rows.append((f"shrink kernel BT,BK,warps={cfg}", name, bench(lambda: tk.masked_shrink(x, a, 0.1, seed))))
         for cfg in [(64, 64, 4, 512), (64, 64, 4, 1024), (64, 128, 4, 1024), (128, 64, 8, 1024), (32, 64, 4, 2048)]:
             tk.MASKED_CONFIG["grad_a"] = dict(zip(("BT", "BN", "num_warps", "programs"), cfg))
             rows.append((f"dA kernel BT,BN,warps,programs={cfg}", name,
-                         bench(lambda: tk.masked_grad_a(dyb, x, 0.1, 3))))
+                         bench(lambda: tk.masked_grad_a(dyb, x, 0.1, seed))))
         for cfg in [(64, 64, 4), (32, 128, 4), (64, 128, 8), (128, 64, 4)]:
             tk.MASKED_CONFIG["dx_add"] = dict(zip(("BT", "BN", "num_warps"), cfg))
-            rows.append((f"dx kernel BT,BN,warps={cfg}", name, bench(lambda: tk.masked_dx_add_(dx, dyb, a, 2., 0.1, 3))))
+            rows.append((f"dx kernel BT,BN,warps={cfg}", name, bench(lambda: tk.masked_dx_add_(dx, dyb, a, 2., 0.1, seed))))
         for cfg in [(64, 64, 4, 1024), (32, 128, 4, 1024), (64, 128, 8, 1024), (64, 64, 4, 2048), (32, 64, 4, 2048),
                     (32, 128, 8, 1024), (32, 64, 8, 2048)]:
             tk.MASKED_CONFIG["backward"] = dict(zip(("BT", "BN", "num_warps", "programs"), cfg))
             rows.append((f"dx + dA kernel BT,BN,warps,programs={cfg}", name,
-                         bench(lambda: tk.masked_backward_(dx, x, dyb, a, 2., 0.1, 3))))
+                         bench(lambda: tk.masked_backward_(dx, x, dyb, a, 2., 0.1, seed))))
         tk.MASKED_CONFIG.update(default)
     # The dropout forward's expand, y += h·Bᵀ, at each output width: cuBLAS in place, cuBLAS out of
     # place (what the compiler makes of addmm_), and lorakit's in-place kernel (what the fused path runs).
@@ -231,6 +234,19 @@ def masked(T: int = 8192, r: int = 16) -> None:
     print(f"\n{'dropout kernels (T=' + str(T) + ')':<58} " + " ".join(f"{k:>8}" for k in widths))
     for label in dict.fromkeys(r[0] for r in rows):
         print(f"{label:<58} " + " ".join(f"{ms:8.3f}" for lab, _, ms in rows if lab == label))
+    # The dropout forward's base GEMM and expand, the two orders: y = x·Wᵀ then the in-place
+    # kernel y += h·Bᵀ (what the traced path runs), or h·Bᵀ first and the GEMM adding x·Wᵀ to it
+    # in place as its C operand (the eager path); the bare GEMM for scale.
+    print(f"\n{'dropout forward, GEMM + expand (ms)':<36} {'x·Wᵀ':>8} {'+kernel':>8} {'C first':>8}")
+    for name, (fin, fout) in SHAPES.items():
+        x = torch.randn(T, fin, device=dev, dtype=dt)
+        w = torch.randn(fout, fin, device=dev, dtype=dt) * 0.02
+        b = torch.randn(fout, r, device=dev, dtype=dt) * 0.02
+        y = torch.empty(T, fout, device=dev, dtype=dt)
+        cells = [bench(lambda: torch.mm(x, w.T, out=y)),
+                 bench(lambda: tk.expand_add_(torch.mm(x, w.T, out=y), h, b)),
+                 bench(lambda: torch.mm(h, b.T, out=y).addmm_(x, w.T))]
+        print(f"{name:<36} " + " ".join(f"{v:8.3f}" for v in cells))
 
 
 if __name__ == "__main__":

@@ -72,6 +72,18 @@ def test_mask_is_reproducible_and_drops_p():
     assert abs(1 - float(m1.float().mean()) - 0.25) < 0.02
 
 
+
+def test_mask_draws_of_a_pair_are_independent():
+    # Two columns share one 32-bit hash (its low and high halves): neighbours, within a pair
+    # and across pairs and rows, must still look independent, and the drop rate is p's.
+    p = 0.3
+    keep = tk.keep_mask_torch((1024, 1024), p, tk.seed_tensor(9, "cpu")).float()
+    assert abs(1 - float(keep.mean()) - p) < 0.005
+    q = 1 - p
+    for a, b in [(keep[:, 0::2], keep[:, 1::2]), (keep[:, 1:-1:2], keep[:, 2::2]), (keep[:-1], keep[1:])]:
+        assert abs(float((a * b).mean()) - q * q) < 0.005  # P(both kept) = (1-p)² for independent draws
+    assert tk.mask_threshold(0.1) == 6554 and tk.mask_threshold(0.5) == 32768 and tk.mask_threshold(1e-7) == 1
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,n_in,r", [(70, 45, 5), (130, 64, 16)])
 def test_masked_kernels_use_one_mask(dtype, T, n_in, r):
@@ -160,7 +172,8 @@ def test_fused_half_forward_takes_float32_adapters_without_casts(p):
         fused.use_kernels_on_cpu(False)
 
 
-# 0.5·2²⁴ is a whole number: the threshold's edge case; 1/3 and 1e-7 round in float32 before the test
+# 0.5·2¹⁶ is a whole number: the threshold's edge case; 1/3 and 1e-7 round in float32 before the test;
+# odd widths (5, 129) end on half a pair
 @pytest.mark.parametrize("p", [0.3, 0.5, 0.1, 1 / 3, 1e-7, 0.999])
 @pytest.mark.parametrize("seed", [0, 5, 2**31 - 2])
 def test_torch_mask_equals_kernel_mask(seed, p):
@@ -286,29 +299,33 @@ def test_expand_add_in_place(dtype, T, n_out, r):
     assert rel(buf[::2], want) < TOL[dtype] and torch.equal(buf[1::2], keep)
 
 
-def test_dropout_forward_updates_y_in_place(monkeypatch):
-    """Wherever the kernels run, the dropout forward adds the expand with the in-place kernel, eagerly
-    and while torch.compile traces (the compiler's out-of-place addmm would copy y first); where they
-    do not, with addmm_. Same values every way. (The interpreter cannot run under the compiler: the
-    GPU test compiles the node with inductor.)"""
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dropout_forward_expand_paths(monkeypatch, with_bias):
+    """Where the kernels run, the dropout forward computes h·Bᵀ (+ bias) first and lets the base
+    GEMM add x·Wᵀ to it in place (eagerly), or adds h·Bᵀ to y with the in-place Triton kernel
+    (while torch.compile traces: the compiler's out-of-place addmm would copy first); where they
+    do not, y += h·Bᵀ with addmm_. The same values every way. (The interpreter cannot run under
+    the compiler: the GPU test compiles the node with inductor.)"""
     calls = []
     real = tk.expand_add_
     monkeypatch.setattr(tk, "expand_add_", lambda *args: calls.append(1) or real(*args))
     x2, w = rand(21, 40, seed=4), rand(24, 40, seed=5)
+    bias = rand(24, seed=6) if with_bias else None
     a, b, seed = rand(4, 40, seed=7), rand(24, 4, seed=8), tk.seed_tensor(77, DEVICE)
-    y_torch, h_torch, *_ = fused._forward(x2, w, None, a, b, 0.5, 0.2, seed)
+    y_torch, h_torch, *_ = fused._forward(x2, w, bias, a, b, 0.5, 0.2, seed)
     assert not calls, "without the kernels the expand is torch's addmm_"
     fused.use_kernels_on_cpu(True)
     try:
-        y_eager, h, *_ = fused._forward(x2, w, None, a, b, 0.5, 0.2, seed)
-        assert len(calls) == 1, "the eager kernel forward did not take the in-place expand kernel"
+        y_eager, h, *_ = fused._forward(x2, w, bias, a, b, 0.5, 0.2, seed)
+        assert not calls, "the eager kernel forward ran the expand kernel instead of expanding first"
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-        y_traced, h2, *_ = fused._forward(x2, w, None, a, b, 0.5, 0.2, seed)
-        assert len(calls) == 2, "the traced forward did not take the in-place expand kernel"
-        assert torch.equal(h, h2) and torch.equal(y_traced, y_eager)
+        y_traced, h2, *_ = fused._forward(x2, w, bias, a, b, 0.5, 0.2, seed)
+        assert len(calls) == 1, "the traced forward did not take the in-place expand kernel"
+        assert torch.equal(h, h2) and rel(y_traced, y_eager) < 1e-6
         assert rel(h, h_torch) < 1e-5 and rel(y_eager, y_torch) < 1e-5
         mask = tk.dropout_keep_mask((21, 40), 0.2, 77, DEVICE).float() / 0.8
-        assert rel(y_traced, x2 @ w.T + ((x2 * mask) @ a.T @ b.T) * 0.5) < 1e-5
+        want = x2 @ w.T + ((x2 * mask) @ a.T @ b.T) * 0.5 + (0 if bias is None else bias)
+        assert rel(y_eager, want) < 1e-5 and rel(y_traced, want) < 1e-5
     finally:
         fused.use_kernels_on_cpu(False)
 

@@ -8,6 +8,7 @@ neither applies, the same function computes the result with torch.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -144,33 +145,46 @@ def _w_eff(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, out: Te
 
 # -- dropout without a stored mask ---------------------------------------------------------
 #
-# keep(t, i) = u(seed, t·n_in + i) >= p, where u is an integer hash of the position and
-# the seed mapped to [0, 1): every kernel below regenerates the same mask from (seed,
+# Columns are hashed in pairs: with half = ceil(n_in / 2), the pair (t, j), columns 2j and
+# 2j + 1 of row t, gets h = hash(seed, t·half + j), a 32-bit integer hash of the position and
+# the seed; column 2j keeps its element where the low 16 bits of h are >= ⌈p·2¹⁶⌉, column
+# 2j + 1 where the high 16 bits are. Every kernel below regenerates the same mask from (seed,
 # position), so forward and backward agree and nothing mask-sized is ever stored. A
-# multiply-xorshift hash costs a handful of integer operations per element, several
-# times less than a counter-based generator, which made these kernels compute-bound.
+# multiply-xorshift hash costs a handful of integer operations, several times less than a
+# counter-based generator; one hash for two elements halves that again (the hash had cost
+# about as much as these kernels' memory traffic). The drop rate is p rounded up to a
+# multiple of 2⁻¹⁶ (0.1 becomes 0.100006); the 1/(1-p) scale uses p itself.
 
 MAX_MASK_ELEMENTS = 2**31 - 1  # positions are int32 offsets
 _GOLDEN, _MUL1, _MUL2, _LOW32 = 0x9E3779B1, 0x7FEB352D, 0x846CA68B, 0xFFFFFFFF
 
 
-# Positions hashed at a time by `keep_mask_torch` outside torch.compile: its int64 temporaries
+# Pairs hashed at a time by `keep_mask_torch` outside torch.compile: its int64 temporaries
 # (2 MiB) then stay in a CPU's cache, five times faster on a 2048 × 384 mask than one pass each.
 MASK_CHUNK = 1 << 18
+
+
+def mask_threshold(p: float) -> int:
+    """⌈p·2¹⁶⌉ with p rounded to float32 first, as the kernels compute it: a 16-bit draw keeps
+    its element where it is >= this."""
+    m, e = math.frexp(p)  # p = m·2^e, 0.5 <= m < 1: round m to float32's 24 bits, ties to even
+    return math.ceil(math.ldexp(round(m * 16777216.0), e - 24) * 65536.0)
 
 
 def keep_mask_torch(shape: tuple[int, int], p: float, seed: Tensor) -> Tensor:
     """The kernels' keep-mask computed with torch integer ops: the same bits on any device.
 
     int64 products wrap modulo 2⁶⁴, which keeps the low 32 bits exact; masking to 32 bits
-    before every shift keeps the shifts logical. Eagerly the positions are hashed in chunks
-    of MASK_CHUNK, in place; under torch.compile in one piece, for the compiler to fuse.
+    before every shift keeps the shifts logical. Eagerly the pairs are hashed in chunks of
+    MASK_CHUNK, in place; under torch.compile in one piece, for the compiler to fuse.
     """
     T, n_in = shape
-    n = T * n_in
+    half = (n_in + 1) // 2
+    n = T * half
     step = n if torch.compiler.is_compiling() else MASK_CHUNK
     seed32 = seed & _LOW32
-    keep = torch.empty(n, dtype=torch.bool, device=seed.device)
+    threshold = mask_threshold(p)
+    keep = torch.empty(n, 2, dtype=torch.bool, device=seed.device)
     for start in range(0, n, max(1, step)):
         h = torch.arange(start, min(n, start + step), device=seed.device, dtype=torch.int64)
         h.mul_(_GOLDEN).add_(seed32).bitwise_and_(_LOW32)
@@ -179,33 +193,38 @@ def keep_mask_torch(shape: tuple[int, int], p: float, seed: Tensor) -> Tensor:
         h.bitwise_xor_(h >> 15)
         h.mul_(_MUL2).bitwise_and_(_LOW32)
         h.bitwise_xor_(h >> 16)
-        keep[start:start + h.numel()] = (h >> 8).to(torch.float32).mul_(1.0 / 16777216.0) >= p
-    return keep.view(T, n_in)
+        part = keep[start:start + h.numel()]
+        part[:, 0] = (h & 0xFFFF) >= threshold
+        part[:, 1] = (h >> 16) >= threshold
+    return keep.view(T, 2 * half)[:, :n_in]
 
 if triton is not None:
 
     @triton.jit
-    def _keep(seed, rows, cols, n_in, p):  # seed: a scalar loaded from the seed tensor
-        # The same bits as keep_mask_torch, with less integer work per element: (t·n_in + i)·G + seed
-        # is spread over a row term and a column term (mod 2³² the products distribute), and
-        # u = (h >> 8)·2⁻²⁴ >= p is the integer test h >> 8 >= ceil(p·2²⁴) (p·2²⁴ is exact in float32).
-        row_term = rows.to(tl.uint32) * n_in * 0x9E3779B1
-        col_term = cols.to(tl.uint32) * 0x9E3779B1 + seed.to(tl.uint32)
+    def _keep(seed, rows, c0, n_in, p, BT: tl.constexpr, BC: tl.constexpr):
+        # keep_mask_torch's bits for the BT rows `rows` and columns c0 .. c0 + BC (c0 even): one
+        # hash a pair of columns, its low and high 16 bits for the pair's two elements.
+        # (t·half + j)·G + seed is spread over a row term and a column term (mod 2³² the
+        # products distribute), and the draws are compared with ⌈p·2¹⁶⌉ as integers.
+        half = (n_in + 1) // 2
+        pairs = c0 // 2 + tl.arange(0, BC // 2)
+        row_term = rows.to(tl.uint32) * half * 0x9E3779B1
+        col_term = pairs.to(tl.uint32) * 0x9E3779B1 + seed.to(tl.uint32)
         h = row_term[:, None] + col_term[None, :]
         h = h ^ (h >> 16)
         h = h * 0x7FEB352D
         h = h ^ (h >> 15)
         h = h * 0x846CA68B
         h = h ^ (h >> 16)
-        threshold = tl.math.ceil(p * 16777216.0).to(tl.uint32)
-        return (h >> 8) >= threshold
+        draws = tl.reshape(tl.join(h & 0xFFFF, h >> 16), (BT, BC))  # column 2j: low bits; 2j + 1: high
+        return draws >= tl.math.ceil(p * 65536.0).to(tl.uint32)
 
     @triton.jit
     def _mask_kernel(OUT, T, n_in, SEED, p, BT: tl.constexpr, BN: tl.constexpr):
         rt = tl.program_id(0) * BT + tl.arange(0, BT)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         ok = (rt[:, None] < T) & (rn[None, :] < n_in)
-        keep = _keep(tl.load(SEED), rt, rn, n_in, p)
+        keep = _keep(tl.load(SEED), rt, tl.program_id(1) * BN, n_in, p, BT, BN)
         tl.store(OUT + rt[:, None] * n_in + rn[None, :], keep.to(tl.int8), mask=ok)
 
     @triton.jit
@@ -224,7 +243,7 @@ if triton is not None:
             rk = k0 + tl.arange(0, BK)
             ok = (rt[:, None] < T) & (rk[None, :] < n_in)
             x = tl.load(X + rt[:, None] * s_x0 + rk[None, :] * s_x1, mask=ok, other=0.0)
-            keep = _keep(tl.load(SEED), rt, rk, n_in, p)
+            keep = _keep(tl.load(SEED), rt, k0, n_in, p, BT, BK)
             x = tl.where(keep, x, 0.0).to(X.dtype.element_ty)
             a_ok = (rr[None, :] < r) & (rk[:, None] < n_in)
             a = tl.load(A + rr[None, :] * s_a0 + rk[:, None] * s_a1, mask=a_ok,
@@ -255,7 +274,7 @@ if triton is not None:
             t_ok = rt < T
             x = tl.load(X + rt[:, None] * s_x0 + rn[None, :] * s_x1, mask=t_ok[:, None] & (rn[None, :] < n_in),
                         other=0.0)
-            keep = _keep(tl.load(SEED), rt, rn, n_in, p)
+            keep = _keep(tl.load(SEED), rt, pid_n * BN, n_in, p, BT, BN)
             x = tl.where(keep, x, 0.0).to(X.dtype.element_ty)
             d = tl.load(DYB + rr[:, None] * s_d1 + rt[None, :] * s_d0, mask=(rr[:, None] < r) & t_ok[None, :],
                         other=0.0)  # (BR, BT) = DYBᵀ tile
@@ -282,7 +301,7 @@ if triton is not None:
             prod = tl.dot(d, a, input_precision="ieee")
         else:
             prod = tl.dot(d, a)
-        keep = _keep(tl.load(SEED), rt, rn, n_in, p)
+        keep = _keep(tl.load(SEED), rt, tl.program_id(1) * BN, n_in, p, BT, BN)
         ok = (rt[:, None] < T) & (rn[None, :] < n_in)
         ptr = DX + rt[:, None] * s_dx0 + rn[None, :] * s_dx1
         dx = tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
@@ -484,7 +503,7 @@ if triton is not None:
             a, da = _act_and_grad(g, ACT)
             z = (a * u).to(G.dtype.element_ty)  # the forward's z, rounded as it was there
             if DROPOUT:
-                keep = _keep(seed, rt, rn, width, p)
+                keep = _keep(seed, rt, pid_n * BN, width, p, BT, BN)
                 if IEEE:
                     prod = tl.dot(d, a_t, input_precision="ieee")
                 else:
@@ -522,7 +541,7 @@ if triton is not None:
             ok = t_ok[:, None] & (rn[None, :] < n_in)
             d = tl.load(DYB + rt[:, None] * s_d0 + rr[None, :] * s_d1, mask=t_ok[:, None] & (rr[None, :] < r),
                         other=0.0)  # (BT, BR)
-            keep = _keep(seed, rt, rn, n_in, p)
+            keep = _keep(seed, rt, pid_n * BN, n_in, p, BT, BN)
             if IEEE:
                 prod = tl.dot(d, a_t, input_precision="ieee")
             else:
