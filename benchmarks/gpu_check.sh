@@ -27,6 +27,8 @@
 #                                              # eager and graphed steps, this tree and an earlier one (<= 9.3 min)
 #   bash benchmarks/gpu_check.sh 17 [OUT_DIR]  # the dropout kernels and the gated backward (micro), host cost per
 #                                              # call, the direct-launch experiment, this tree and an earlier one (<= 7 min)
+#   bash benchmarks/gpu_check.sh 18 [OUT_DIR]  # bf16 GPU tests, eager and graphed steps at two shapes and two
+#                                              # ranks (<= 7.5 min)
 #
 # Parts 14 to 17 compare with an earlier tree where .carry/before/ holds one (its src/ and
 # benchmarks/, e.g. `git archive d94617a src benchmarks | tar -x -C .carry/before`), run in
@@ -175,7 +177,12 @@ elif [ "$part" = 17 ]; then
             && step micro-masked-before 90 python micro_lora_ops.py --masked \
             && step micro-gated-before 60 python micro_lora_ops.py --gated)
     fi
+elif [ "$part" = 18 ]; then
+    step gpu-tests 150 python -m pytest -q -p no:cacheprovider tests/test_gpu.py
+    cd benchmarks
+    step train-shapes 290 python train_step.py --modes eager,graphed --methods floor,lorakit --dropouts 0,0.1 \
+        --shapes 16x512,4x2048 --ranks 16,64 --json "$out/train-shapes.json"
 else
-    echo "usage: bash benchmarks/gpu_check.sh 1|...|17 [OUT_DIR]" >&2
+    echo "usage: bash benchmarks/gpu_check.sh 1|...|18 [OUT_DIR]" >&2
     exit 2
 fi

@@ -187,16 +187,12 @@ def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lo
         # The shrink reads A in its own dtype and writes the copy rounded to ct that backward uses.
         a = lora_A if lora_A.dtype == ct else torch.empty(lora_A.shape, dtype=ct, device=x2.device)
         h = tk.masked_shrink(x2, lora_A, p, seed, scale, None if a is lora_A else a)  # (T, r), mask made in-kernel
-        if not torch.compiler.is_compiling():
-            # Eagerly the expand comes first and the base GEMM adds x·Wᵀ to it in place: the GEMM
-            # reads h·Bᵀ (+ bias) as its C operand in its epilogue, where adding h·Bᵀ to a finished
-            # y would read and write all of y once more.
-            b = as_dtype(lora_B, ct)
-            hb = h @ b.T if bias is None else torch.addmm(bias, h, b.T)  # (T, out)
-            return hb.addmm_(x2, as_dtype(weight, ct).T), h, a, b, None
-        # Traced, the compiler makes addmm_ an out-of-place addmm, which copies its C operand
-        # first (0.18 ms a Llama-1B block on an H200); the Triton kernel adds h·Bᵀ to y where it
-        # lies, reading B in its own dtype and writing the copy rounded to ct that backward uses.
+        # Then y = x·Wᵀ + bias and the expand added in place by a Triton kernel, which reads B in
+        # its own dtype and writes the copy rounded to ct that backward uses. Under the compiler,
+        # cuBLAS's addmm_ would become an out-of-place addmm that copies y first (0.18 ms a
+        # Llama-1B block on an H200). Computing h·Bᵀ first and letting the base GEMM add x·Wᵀ to
+        # it as its C operand was measured too: no faster on the GPU (micro_lora_ops.py --masked,
+        # "C first"), with one launch more for the host (B's cast) and a cuBLAS GEMM for this kernel.
         b = lora_B if lora_B.dtype == ct else torch.empty(lora_B.shape, dtype=ct, device=x2.device)
         y = torch.nn.functional.linear(x2, as_dtype(weight, ct), bias)
         return tk.expand_add_(y, h, lora_B, None if b is lora_B else b), h, a, b, None
