@@ -6,6 +6,7 @@ A kernel that streams memory wants many warps resident; the register count bound
 
     python benchmarks/kernel_resources.py                 # the configured tiles
     python benchmarks/kernel_resources.py --sweep         # also the tiles micro_lora_ops.py sweeps
+    python benchmarks/kernel_resources.py --rank 64       # at another rank (the factor tiles grow with it)
 
 The figures depend on the Triton version (printed first); the GPU machine's is the one that counts.
 """
@@ -70,29 +71,31 @@ def cases(sweep: bool):
     """(label, kernel, args, constexprs, num_warps) for each kernel at its configured tiles (and, with
     `sweep`, the alternatives micro_lora_ops.py times)."""
     seed = dict(SEED="i64", p=0.1, mult=2.2)
-    shrink = dict(X="bf16", A="bf16", H="bf16", T=T, n_in=HIDDEN, r=R, s_x0=HIDDEN, s_x1=1, s_a0=HIDDEN, s_a1=1,
+    shrink = dict(X="bf16", A="bf16", H="bf16", A_OUT="bf16", T=T, n_in=HIDDEN, r=R, s_x0=HIDDEN, s_x1=1, s_a0=HIDDEN, s_a1=1,
                   s_h0=R, s_h1=1, **seed)
     backward = dict(DX="bf16", X="bf16", DYB="bf16", A="bf16", PART="fp32", T=T, n_in=HIDDEN, r=R, rows_per_split=64,
                     s_dx0=HIDDEN, s_dx1=1, s_x0=HIDDEN, s_x1=1, s_d0=R, s_d1=1, s_a0=HIDDEN, s_a1=1, **seed)
     gated = dict(DZ="bf16", G="bf16", U="bf16", DYB="bf16", A="bf16", DU="bf16", PART="fp32", T=T, width=WIDTH, r=R,
                  rows_per_split=64, s_d0=R, s_d1=1, s_a0=WIDTH, s_a1=1, **seed)
-    expand = dict(Y="bf16", H="bf16", B="bf16", T=T, n_out=HIDDEN, r=R, s_y0=HIDDEN, s_y1=1, s_h0=R, s_h1=1, s_b0=R,
+    expand = dict(Y="bf16", H="bf16", B="bf16", B_OUT="bf16", T=T, n_out=HIDDEN, r=R, s_y0=HIDDEN, s_y1=1, s_h0=R, s_h1=1, s_b0=R,
                   s_b1=1)
-    w_eff = dict(W="bf16", A="bf16", B="bf16", OUT="bf16", n_out=HIDDEN, n_in=HIDDEN, r=R, scale=2.0, s_w0=HIDDEN,
+    w_eff = dict(W="bf16", A="bf16", B="bf16", OUT="bf16", A_OUT="bf16", B_OUT="bf16", n_out=HIDDEN, n_in=HIDDEN, r=R, scale=2.0, s_w0=HIDDEN,
                  s_w1=1, s_a0=HIDDEN, s_a1=1, s_b0=R, s_b1=1, s_o0=HIDDEN, s_o1=1)
     c = tk.MASKED_CONFIG
-    yield "W + s·B·A (64 × 128 tiles)", tk._w_eff_kernel, w_eff, dict(BM=64, BN=128, BR=R, IEEE=False), 4
+    yield "W + s·B·A (64 × 128 tiles)", tk._w_eff_kernel, w_eff, dict(BM=64, BN=128, BR=R, IEEE=False, WRITE_AB=False), 4
     tiles = [(c["shrink"]["BT"], c["shrink"]["BK"], c["shrink"]["num_warps"])]
     tiles += [(64, 64, 4), (32, 128, 4), (16, 128, 4), (32, 64, 2)] if sweep else []
     for bt, bk, w in tiles:
         yield f"masked shrink BT={bt} BK={bk} warps={w}", tk._masked_shrink_kernel, shrink, \
-            dict(BT=bt, BK=bk, BR=R, IEEE=False), w
-    tiles = [(c["backward"]["BT"], c["backward"]["BN"], c["backward"]["num_warps"])]
+            dict(BT=bt, BK=bk, BR=R, IEEE=False, WRITE_A=False), w
+    b = tk.masked_backward_config(R)
+    tiles = [(b["BT"], b["BN"], b["num_warps"])]
     tiles += [(64, 64, 4), (64, 128, 8), (32, 64, 4), (32, 128, 8)] if sweep else []
     for bt, bn, w in tiles:
         yield f"masked backward BT={bt} BN={bn} warps={w}", tk._masked_backward_kernel, backward, \
             dict(BT=bt, BN=bn, BR=R, IEEE=False), w
-    for dropout, cfg in ((False, tk.GATED_BACKWARD_CONFIG), (True, tk.GATED_BACKWARD_DROPOUT_CONFIG)):
+    for dropout in (False, True):
+        cfg = tk.gated_backward_config(R, dropout)
         tiles = [(cfg["BT"], cfg["BN"], cfg["num_warps"])]
         tiles += [(32, 64, 8), (16, 64, 4), (64, 64, 8), (16, 128, 8)] if sweep else []
         for bt, bn, w in tiles:
@@ -109,14 +112,17 @@ def cases(sweep: bool):
             dict(MEMBERS=3, R=R, BT=multi.GROUP_BLOCK_T, BN=bn, IEEE=False), w
     e = tk.EXPAND_CONFIG
     yield f"expand add BT={e['BT']} BN={e['BN']} warps={e['num_warps']}", tk._train_expand_add_kernel, expand, \
-        dict(BT=e["BT"], BN=e["BN"], BR=R, IEEE=False), e["num_warps"]
+        dict(BT=e["BT"], BN=e["BN"], BR=R, IEEE=False, WRITE_B=False), e["num_warps"]
 
 
 def main() -> None:
+    global R
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="also the alternative tiles")
+    parser.add_argument("--rank", type=int, default=R, help="the LoRA rank r (default %(default)s)")
     args = parser.parse_args()
-    print(f"Triton {triton.__version__}, compiled for sm_90 (no GPU used)")
+    R = args.rank
+    print(f"Triton {triton.__version__}, compiled for sm_90 (no GPU used), r = {R}")
     print(f"{'kernel':<52} {'regs':>5} {'stack':>6} {'shared':>7} {'warps/SM':>9}")
     for label, fn, kernel_args, constexprs, warps in cases(args.sweep):
         u = resources(fn, kernel_args, constexprs, warps)

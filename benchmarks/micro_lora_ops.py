@@ -11,6 +11,7 @@ pieces (dy·B)ᵀ·x and dyᵀ·h. Prints one row per shape.
     python benchmarks/micro_lora_ops.py --gated     # the gated MLP's elementwise work, torch vs kernels
     python benchmarks/micro_lora_ops.py --masked    # the dropout kernels' tile configurations
     python benchmarks/micro_lora_ops.py --w-eff     # the W + s·B·A kernel's tiles against a plain copy of W
+    python benchmarks/micro_lora_ops.py --masked --rank 64   # any of them at another rank (default 16)
 """
 
 from __future__ import annotations
@@ -170,13 +171,14 @@ def gated(T: int = 8192, width: int = 8192, r: int = 16) -> None:
                      bench(lambda: tk.gated_backward(dz, g, u, dyb, "silu", 2.0)), 5))
     tk.GATED_BACKWARD_CONFIG.update(default)
     a = torch.randn(r, width, device=dev, dtype=dt) * 0.02
-    default = dict(tk.GATED_BACKWARD_DROPOUT_CONFIG)
+    in_use = tk.gated_backward_config(r, True)  # the dict gated_backward reads at this rank
+    default = dict(in_use)
     for bt, bn, warps, programs in [(32, 64, 4, 4096), (32, 64, 8, 4096), (32, 64, 8, 2048), (16, 64, 4, 4096),
                                     (16, 64, 4, 8192), (64, 64, 8, 2048), (16, 128, 8, 4096)]:
-        tk.GATED_BACKWARD_DROPOUT_CONFIG.update(BT=bt, BN=bn, num_warps=warps, programs=programs)
+        in_use.update(BT=bt, BN=bn, num_warps=warps, programs=programs)
         rows.append((f"backward, dropout 0.1: kernel BT={bt} BN={bn} warps={warps} programs~{programs}",
                      bench(lambda: tk.gated_backward(dz, g, u, dyb, "silu", 2.0, 0.1, seed, a)), 5))
-    tk.GATED_BACKWARD_DROPOUT_CONFIG.update(default)
+    in_use.update(default)
     print(f"\n{'gated MLP elementwise (T=' + str(T) + ', width=' + str(width) + ')':<62} {'ms':>7} {'GB/s':>7}")
     for name, ms, tensors in rows:
         print(f"{name:<62} {ms:7.3f} {tensors * mb / ms:7.0f}")
@@ -200,6 +202,7 @@ def masked(T: int = 8192, r: int = 16) -> None:
         dx = torch.randn_like(x)
         rows.append(("dx += dyB·A torch (no mask)", name, bench(lambda: dx.addmm_(dyb, a))))
         default = {k: dict(v) for k, v in tk.MASKED_CONFIG.items()}
+        wide_default = dict(tk.MASKED_BACKWARD_WIDE_CONFIG)
         for cfg in [(64, 64, 4), (32, 128, 4), (16, 128, 4), (32, 64, 2), (16, 256, 4)]:
             tk.MASKED_CONFIG["shrink"] = dict(zip(("BT", "BK", "num_warps"), cfg))
             rows.append((f"shrink kernel BT,BK,warps={cfg}", name, bench(lambda: tk.masked_shrink(x, a, 0.1, seed))))
@@ -212,10 +215,11 @@ def masked(T: int = 8192, r: int = 16) -> None:
             rows.append((f"dx kernel BT,BN,warps={cfg}", name, bench(lambda: tk.masked_dx_add_(dx, dyb, a, 2., 0.1, seed))))
         for cfg in [(64, 64, 4, 1024), (32, 128, 4, 1024), (64, 128, 8, 1024), (64, 64, 4, 2048), (32, 64, 4, 2048),
                     (32, 128, 8, 1024), (32, 64, 8, 2048)]:
-            tk.MASKED_CONFIG["backward"] = dict(zip(("BT", "BN", "num_warps", "programs"), cfg))
+            tk.masked_backward_config(r).update(zip(("BT", "BN", "num_warps", "programs"), cfg))
             rows.append((f"dx + dA kernel BT,BN,warps,programs={cfg}", name,
                          bench(lambda: tk.masked_backward_(dx, x, dyb, a, 2., 0.1, seed))))
         tk.MASKED_CONFIG.update(default)
+        tk.MASKED_BACKWARD_WIDE_CONFIG.update(wide_default)
     # The dropout forward's expand, y += h·Bᵀ, at each output width: cuBLAS in place, cuBLAS out of
     # place (what the compiler makes of addmm_), and lorakit's in-place kernel (what the fused path runs).
     h = torch.randn(T, r, device=dev, dtype=dt)
@@ -250,6 +254,14 @@ def masked(T: int = 8192, r: int = 16) -> None:
 
 
 if __name__ == "__main__":
-    import sys
+    import argparse
 
-    {"--kernels": kernels, "--grads": grads, "--gated": gated, "--masked": masked, "--w-eff": w_eff}.get(sys.argv[-1], main)()
+    modes = {"kernels": kernels, "grads": grads, "gated": gated, "masked": masked, "w_eff": w_eff}
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for mode in modes:
+        parser.add_argument(f"--{mode.replace('_', '-')}", action="store_true")
+    parser.add_argument("--rank", type=int, default=16, help="the LoRA rank r (default %(default)s)")
+    args = parser.parse_args()
+    chosen = [fn for mode, fn in modes.items() if getattr(args, mode)] or [main]
+    for fn in chosen:
+        fn(r=args.rank)

@@ -85,7 +85,7 @@ def test_mask_draws_of_a_pair_are_independent():
     assert tk.mask_threshold(0.1) == 6554 and tk.mask_threshold(0.5) == 32768 and tk.mask_threshold(1e-7) == 1
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T,n_in,r", [(70, 45, 5), (130, 64, 16)])
+@pytest.mark.parametrize("T,n_in,r", [(70, 45, 5), (130, 64, 16), (90, 130, 64)])  # r = 64: the wide tiles
 def test_masked_kernels_use_one_mask(dtype, T, n_in, r):
     p, seed = 0.3, 1234
     x, a, dyb = rand(T, n_in, dtype=dtype), rand(r, n_in, dtype=dtype, seed=1), rand(T, r, dtype=dtype, seed=2)
@@ -200,7 +200,8 @@ def test_gated_act(act, dtype):
 
 @pytest.mark.parametrize("act", sorted(tk.GATED_KERNEL_ACTS))
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T,width,r,p", [(70, 45, 5, 0.0), (70, 45, 5, 0.3), (130, 64, 16, 0.0), (200, 96, 1, 0.2)])
+@pytest.mark.parametrize("T,width,r,p", [(70, 45, 5, 0.0), (70, 45, 5, 0.3), (130, 64, 16, 0.0), (200, 96, 1, 0.2),
+                                         (90, 130, 64, 0.2)])  # r = 64 with dropout: the wide tile
 def test_gated_backward_matches_autograd(act, dtype, T, width, r, p):
     """dg, du and dA = s·dyBᵀ·dropout(act(g)⊙u) from one pass, against float64 autograd with the kernels' mask;
     with dropout the kernel also adds LoRA's share s·(dyB·A)⊙mask/(1-p) to dz first."""

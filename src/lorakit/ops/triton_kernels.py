@@ -372,6 +372,19 @@ MASKED_CONFIG = {"shrink": {"BT": 32, "BK": 128, "num_warps": 4},
                  "dx_add": {"BT": 64, "BN": 64, "num_warps": 4},
                  "backward": {"BT": 32, "BN": 128, "num_warps": 4, "programs": 1024}}
 
+# From rank 64 on (BR >= WIDE_RANK) the factor tiles are four times larger, and two kernels do
+# better at other tiles (an H200, `micro_lora_ops.py --masked --rank 64` and `--gated --rank 64`,
+# benchmarks/RESULTS.md tenth set): the dx/dA pass at 64-column blocks (0.056 against 0.063 ms at
+# in = 2048, 0.159 against 0.175 at 8192), and the gated backward with dropout at 32 rows and 8
+# warps (0.356 against 0.422 ms at 8192 × 8192). At rank 16 those tiles were slower.
+WIDE_RANK = 64
+MASKED_BACKWARD_WIDE_CONFIG = {"BT": 32, "BN": 64, "num_warps": 4, "programs": 2048}
+
+
+def masked_backward_config(r: int) -> dict:
+    """The tile `masked_backward_` uses at rank r (the dict itself: tuning scripts update it)."""
+    return MASKED_BACKWARD_WIDE_CONFIG if _br(r) >= WIDE_RANK else MASKED_CONFIG["backward"]
+
 
 # The in-place expand's tile (benchmarks/micro_lora_ops.py --masked times the choices).
 EXPAND_CONFIG = {"BT": 32, "BN": 128, "num_warps": 4}
@@ -585,6 +598,14 @@ def gated_act(g: Tensor, u: Tensor, act: str) -> Tensor:
 # 105 (16 warps) and took 0.417 against 0.544 ms on an H200 (8192 × 8192, benchmarks/RESULTS.md).
 GATED_BACKWARD_CONFIG = {"BT": 32, "BN": 64, "num_warps": 4, "programs": 4096}
 GATED_BACKWARD_DROPOUT_CONFIG = {"BT": 16, "BN": 64, "num_warps": 4, "programs": 8192}
+GATED_BACKWARD_DROPOUT_WIDE_CONFIG = {"BT": 32, "BN": 64, "num_warps": 8, "programs": 2048}  # rank >= WIDE_RANK
+
+
+def gated_backward_config(r: int, dropout: bool) -> dict:
+    """The tile `gated_backward` uses at rank r (the dict itself: tuning scripts update it)."""
+    if not dropout:
+        return GATED_BACKWARD_CONFIG
+    return GATED_BACKWARD_DROPOUT_WIDE_CONFIG if _br(r) >= WIDE_RANK else GATED_BACKWARD_DROPOUT_CONFIG
 
 
 def gated_backward(dz: Tensor, g: Tensor, u: Tensor, dyb: Tensor, act: str, scale: float, p: float = 0.0,
@@ -603,7 +624,7 @@ def gated_backward(dz: Tensor, g: Tensor, u: Tensor, dyb: Tensor, act: str, scal
     if dropout and lora_A is None:
         raise ValueError("gated_backward with dropout needs lora_A to add the LoRA share of dz")
     du = torch.empty_like(u)
-    cfg = GATED_BACKWARD_DROPOUT_CONFIG if dropout else GATED_BACKWARD_CONFIG
+    cfg = gated_backward_config(r, dropout)
     bt, bn, warps, programs = (cfg[k] for k in ("BT", "BN", "num_warps", "programs"))
     n_blocks, splits, rows = _row_splits(T, width, bt, bn, programs)
     part = torch.empty(splits, r, width, dtype=torch.float32, device=g.device)
@@ -622,7 +643,7 @@ def masked_backward_(dx: Tensor, x2: Tensor, dyb: Tensor, lora_A: Tensor, scale:
     place, and returns dA = s·dyBᵀ·(x⊙mask)/(1-p) in float32. dx, x2 (T, in); dyb (T, r); A (r, in)."""
     T, n_in = x2.shape
     r = dyb.shape[1]
-    cfg = MASKED_CONFIG["backward"]
+    cfg = masked_backward_config(r)
     n_blocks, splits, rows = _row_splits(T, n_in, cfg["BT"], cfg["BN"], cfg["programs"])
     part = torch.empty(splits, r, n_in, dtype=torch.float32, device=x2.device)
     _masked_backward_kernel[(n_blocks, splits)](
