@@ -29,6 +29,8 @@
 #                                              # call, the direct-launch experiment, this tree and an earlier one (<= 7 min)
 #   bash benchmarks/gpu_check.sh 18 [OUT_DIR]  # bf16 GPU tests, eager and graphed steps at two shapes and two
 #                                              # ranks (<= 7.5 min)
+#   bash benchmarks/gpu_check.sh 19 [OUT_DIR]  # the GPU mask test, eager and graphed steps at r = 64 and 16 with
+#                                              # the rank-64 tiles, eager inference rows (<= 6 min)
 #
 # Parts 14 to 17 compare with an earlier tree where .carry/before/ holds one (its src/ and
 # benchmarks/, e.g. `git archive d94617a src benchmarks | tar -x -C .carry/before`), run in
@@ -182,7 +184,14 @@ elif [ "$part" = 18 ]; then
     cd benchmarks
     step train-shapes 290 python train_step.py --modes eager,graphed --methods floor,lorakit --dropouts 0,0.1 \
         --shapes 16x512,4x2048 --ranks 16,64 --json "$out/train-shapes.json"
+elif [ "$part" = 19 ]; then
+    step gpu-tests 100 python -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "masks_equal or fused_matches"
+    cd benchmarks
+    step train-r64 120 python train_step.py --modes eager,graphed --methods floor,lorakit --ranks 16,64 \
+        --dropouts 0.1 --json "$out/train-r64.json"
+    step infer-eager 150 python infer.py --reps 10 --decode-steps 64 --skip-peft --skip-graphs \
+        --json "$out/infer-eager.json"
 else
-    echo "usage: bash benchmarks/gpu_check.sh 1|...|18 [OUT_DIR]" >&2
+    echo "usage: bash benchmarks/gpu_check.sh 1|...|19 [OUT_DIR]" >&2
     exit 2
 fi

@@ -22,6 +22,19 @@ def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+@pytest.mark.parametrize("p", [0.1, 0.5, 1 / 3])
+def test_kernel_masks_equal_the_torch_mask_on_cuda(p):
+    # Every kernel hashes its own tile shape (and reshapes each pair's two draws into columns):
+    # the compiled code for the GPU must give keep_mask_torch's bits, as the interpreter does.
+    for shape in [(8192, 2048), (777, 129), (64, 8192)]:
+        seed = tk.seed_tensor(2**31 - 5, "cuda")
+        assert torch.equal(tk.dropout_keep_mask(shape, p, seed, "cuda"), tk.keep_mask_torch(shape, p, seed))
+        x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+        a = torch.randn(16, shape[1], device="cuda", dtype=torch.bfloat16)
+        want = (torch.where(tk.keep_mask_torch(shape, p, seed), x.float(), 0.0) @ a.float().T) / (1 - p)
+        assert rel(tk.masked_shrink(x, a, p, seed), want) < 1e-2
+
+
 @pytest.mark.parametrize("p", [0.0, 0.1])
 @pytest.mark.parametrize("shape", [(4096, 2048, 2048), (4096, 2048, 512), (2048, 8192, 2048)])
 def test_bf16_fused_matches_reference(p, shape):
