@@ -24,8 +24,9 @@ def rel(a, b):
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 1 / 3])
 def test_kernel_masks_equal_the_torch_mask_on_cuda(p):
-    # Every kernel hashes its own tile shape (and reshapes each pair's two draws into columns):
-    # the compiled code for the GPU must give keep_mask_torch's bits, as the interpreter does.
+    # Each kernel hashes its own tile shape and reshapes each pair's two draws into columns: the
+    # code compiled for the GPU must give keep_mask_torch's bits, as the interpreter does (here the
+    # mask kernel's 32 × 64 tiles and the masked shrink's 32 × 128).
     for shape in [(8192, 2048), (777, 129), (64, 8192)]:
         seed = tk.seed_tensor(2**31 - 5, "cuda")
         assert torch.equal(tk.dropout_keep_mask(shape, p, seed, "cuda"), tk.keep_mask_torch(shape, p, seed))
