@@ -240,3 +240,20 @@ def test_adapters_must_share_base_task_and_label_count(cls_setup, lm_setup, tiny
     err = error_of(["predict", "--adapter", f"a={two}", "--adapter", f"b={cls_setup['b']}",
                     "--input", str(data)], capsys)
     assert "different numbers of labels (a: 2, b: 3)" in err
+
+
+def test_a_new_classification_head_is_the_same_every_run(tiny_bert_dir):
+    """Rows without an adapter on a base with no trained head of this size go through a newly
+    initialized head: made from a fixed seed, so repeated runs give the same outputs, and the
+    caller's random stream is left where it was."""
+    from lorakit import serve
+
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    first, _, new_head = serve.load_model(str(tiny_bert_dir), [], "seq-cls", num_labels=5)
+    assert new_head
+    assert torch.equal(torch.random.get_rng_state(), state)
+    torch.manual_seed(7)
+    second, _, _ = serve.load_model(str(tiny_bert_dir), [], "seq-cls", num_labels=5)
+    for (name, p), q in zip(first.classifier.named_parameters(), second.classifier.parameters()):
+        assert torch.equal(p, q), name

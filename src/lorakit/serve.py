@@ -189,8 +189,10 @@ def load_model(base: str, adapters: Sequence[Adapter], task: str,
     try:
         if task == "seq-cls":
             size = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if num_labels else {}
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                base, dtype=torch.float32, output_loading_info=True, **size)
+            with torch.random.fork_rng(devices=[]):  # a new head comes out the same on every run,
+                torch.manual_seed(0)  # and the caller's generator is left as it was
+                model, info = AutoModelForSequenceClassification.from_pretrained(
+                    base, dtype=torch.float32, output_loading_info=True, **size)
             fresh = [k if isinstance(k, str) else k[0] for k in (*info["missing_keys"], *info["mismatched_keys"])]
             new_head = any(k.split(".")[0] in SEQ_CLS_HEADS for k in fresh)
         else:
@@ -308,7 +310,8 @@ def predict(adapters: Sequence[str], input_file: str | Path, output: str | Path 
     net, tokenizer, new_head = load_model(base, sources, "seq-cls", n_labels)
     if new_head and None in names:
         print(f"lorakit predict: note: {base} has no trained classification head of this size; rows without "
-              f"an adapter ({names.count(None)}) use a newly initialized one", file=sys.stderr)
+              f"an adapter ({names.count(None)}) use a newly initialized one (from a fixed seed: the same on every "
+              f"run, but untrained)", file=sys.stderr)
     default = _label_names(net.config, net.config.num_labels)
     labels = {None: default, **{a.name: a.labels or default for a in sources}}
     device = next(net.parameters()).device
