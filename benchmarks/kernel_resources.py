@@ -1,7 +1,8 @@
 """Registers, stack and shared memory of lorakit's Triton kernels at their configured tiles, for sm_90.
 
 Needs no GPU: Triton compiles each kernel for Hopper here and its bundled cuobjdump reads the
-resource usage off the cubin. Shapes are Llama-3.2-1B's (T = 16 × 512 tokens, r = 16, bf16).
+resource usage off the cubin. Shapes are Llama-3.2-1B's (T = 16 × 512 tokens, bf16), at r = 16
+unless --rank says otherwise.
 A kernel that streams memory wants many warps resident; the register count bounds them:
 
     python benchmarks/kernel_resources.py                 # the configured tiles
