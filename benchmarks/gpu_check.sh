@@ -30,7 +30,8 @@
 #   bash benchmarks/gpu_check.sh 18 [OUT_DIR]  # bf16 GPU tests, eager and graphed steps at two shapes and two
 #                                              # ranks (<= 7.5 min)
 #   bash benchmarks/gpu_check.sh 19 [OUT_DIR]  # the GPU mask test, eager and graphed steps at r = 64 and 16 with
-#                                              # the rank-64 tiles, eager inference rows (<= 6 min)
+#                                              # the rank-64 tiles, eager inference rows, a compiled (4-block)
+#                                              # profile at dropout 0 and 0.1 (<= 8.7 min)
 #
 # Parts 14 to 17 compare with an earlier tree where .carry/before/ holds one (its src/ and
 # benchmarks/, e.g. `git archive d94617a src benchmarks | tar -x -C .carry/before`), run in
@@ -191,6 +192,8 @@ elif [ "$part" = 19 ]; then
         --dropouts 0.1 --json "$out/train-r64.json"
     step infer-eager 150 python infer.py --reps 10 --decode-steps 64 --skip-peft --skip-graphs \
         --json "$out/infer-eager.json"
+    step profile-compiled 150 python profile_step.py --runs floor:0:compiled,lorakit:0:compiled,lorakit:0.1:compiled \
+        --layers 4 --rows 30 --out "$out/profile-compiled"
 else
     echo "usage: bash benchmarks/gpu_check.sh 1|...|19 [OUT_DIR]" >&2
     exit 2
