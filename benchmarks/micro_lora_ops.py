@@ -238,9 +238,9 @@ def masked(T: int = 8192, r: int = 16) -> None:
     print(f"\n{'dropout kernels (T=' + str(T) + ')':<58} " + " ".join(f"{k:>8}" for k in widths))
     for label in dict.fromkeys(r[0] for r in rows):
         print(f"{label:<58} " + " ".join(f"{ms:8.3f}" for lab, _, ms in rows if lab == label))
-    # The dropout forward's base GEMM and expand, the two orders: y = x·Wᵀ then the in-place
-    # kernel y += h·Bᵀ (what the traced path runs), or h·Bᵀ first and the GEMM adding x·Wᵀ to it
-    # in place as its C operand (the eager path); the bare GEMM for scale.
+    # The dropout forward's base GEMM and expand, two orders: y = x·Wᵀ then the in-place kernel
+    # y += h·Bᵀ (what the fused path runs), or h·Bᵀ first and the GEMM adding x·Wᵀ to it in place
+    # as its C operand (measured, not used); the bare GEMM for scale.
     print(f"\n{'dropout forward, GEMM + expand (ms)':<36} {'x·Wᵀ':>8} {'+kernel':>8} {'C first':>8}")
     for name, (fin, fout) in SHAPES.items():
         x = torch.randn(T, fin, device=dev, dtype=dt)

@@ -27,12 +27,13 @@ def test_kernel_masks_equal_the_torch_mask_on_cuda(p):
     # Each kernel hashes its own tile shape and reshapes each pair's two draws into columns: the
     # code compiled for the GPU must give keep_mask_torch's bits, as the interpreter does (here the
     # mask kernel's 32 × 64 tiles and the masked shrink's 32 × 128).
+    seed = tk.seed_tensor(2**31 - 5, "cuda")
     for shape in [(8192, 2048), (777, 129), (64, 8192)]:
-        seed = tk.seed_tensor(2**31 - 5, "cuda")
-        assert torch.equal(tk.dropout_keep_mask(shape, p, seed, "cuda"), tk.keep_mask_torch(shape, p, seed))
+        keep = tk.keep_mask_torch(shape, p, seed)
+        assert torch.equal(tk.dropout_keep_mask(shape, p, seed, "cuda"), keep)
         x = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
         a = torch.randn(16, shape[1], device="cuda", dtype=torch.bfloat16)
-        want = (torch.where(tk.keep_mask_torch(shape, p, seed), x.float(), 0.0) @ a.float().T) / (1 - p)
+        want = (torch.where(keep, x.float(), 0.0) @ a.float().T) / (1 - p)
         assert rel(tk.masked_shrink(x, a, p, seed), want) < 1e-2
 
 

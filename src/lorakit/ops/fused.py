@@ -183,20 +183,19 @@ def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lo
             w_eff = torch.empty(n_out, n_in, dtype=ct, device=x2.device)  # (out, in)
             tk.build_w_eff(weight, a, b, scale, out=w_eff, use_kernel=kernels)
         return torch.nn.functional.linear(x2, w_eff, bias), _scaled_mm(x2, a.T, scale), a, b, w_eff  # (T, out), (T, r)
-    if kernels:
-        # The shrink reads A in its own dtype and writes the copy rounded to ct that backward uses.
-        a = lora_A if lora_A.dtype == ct else torch.empty(lora_A.shape, dtype=ct, device=x2.device)
-        h = tk.masked_shrink(x2, lora_A, p, seed, scale, None if a is lora_A else a)  # (T, r), mask made in-kernel
-        # Then y = x·Wᵀ + bias and the expand added in place by a Triton kernel, which reads B in
-        # its own dtype and writes the copy rounded to ct that backward uses. Under the compiler,
-        # cuBLAS's addmm_ would become an out-of-place addmm that copies y first (0.18 ms a
-        # Llama-1B block on an H200). Computing h·Bᵀ first and letting the base GEMM add x·Wᵀ to
-        # it as its C operand was measured too: no faster on the GPU (micro_lora_ops.py --masked,
-        # "C first"), with one launch more for the host (B's cast) and a cuBLAS GEMM for this kernel.
-        b = lora_B if lora_B.dtype == ct else torch.empty(lora_B.shape, dtype=ct, device=x2.device)
-        y = torch.nn.functional.linear(x2, as_dtype(weight, ct), bias)
-        return tk.expand_add_(y, h, lora_B, None if b is lora_B else b), h, a, b, None
     y = torch.nn.functional.linear(x2, as_dtype(weight, ct), bias)
+    if kernels:
+        # The kernels read A and B in their own dtype and write the copies rounded to ct that
+        # backward uses: no cast launches.
+        a = lora_A if lora_A.dtype == ct else torch.empty(lora_A.shape, dtype=ct, device=x2.device)
+        b = lora_B if lora_B.dtype == ct else torch.empty(lora_B.shape, dtype=ct, device=x2.device)
+        h = tk.masked_shrink(x2, lora_A, p, seed, scale, None if a is lora_A else a)  # (T, r), mask made in-kernel
+        # The expand in place, in a Triton kernel: faster than cuBLAS's addmm_ here, and under the
+        # compiler, which turns addmm_ into an out-of-place addmm that copies y first (0.18 ms a
+        # Llama-1B block on an H200), it stays in place. Computing h·Bᵀ first and letting the base
+        # GEMM add x·Wᵀ to it as its C operand was measured too: no faster on the GPU
+        # (micro_lora_ops.py --masked, "C first"), and one launch more for the host (B's cast).
+        return tk.expand_add_(y, h, lora_B, None if b is lora_B else b), h, a, b, None
     a, b = as_dtype(lora_A, ct), as_dtype(lora_B, ct)
     keep = _keep_mask(x2, p, seed) if keep is None else keep
     h = _scaled_mm(x2 * keep, a.T, scale / (1.0 - p))  # 1/(1-p) rides in the GEMM
