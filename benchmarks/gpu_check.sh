@@ -32,8 +32,11 @@
 #   bash benchmarks/gpu_check.sh 19 [OUT_DIR]  # the GPU mask test, eager and graphed steps at r = 64 and 16 with
 #                                              # the rank-64 tiles, eager inference rows, a compiled (4-block)
 #                                              # profile at dropout 0 and 0.1 (<= 8.7 min)
+#   bash benchmarks/gpu_check.sh 20 [OUT_DIR]  # the fused and gated GPU tests, the gated MLP's kernels (micro),
+#                                              # eager and graphed steps at dropout 0.1, r = 16 and 64, this
+#                                              # tree and an earlier one (<= 8.8 min)
 #
-# Parts 14 to 17 compare with an earlier tree where .carry/before/ holds one (its src/ and
+# Parts 14 to 17 and 20 compare with an earlier tree where .carry/before/ holds one (its src/ and
 # benchmarks/, e.g. `git archive d94617a src benchmarks | tar -x -C .carry/before`), run in
 # processes of their own on the same machine.
 #
@@ -194,7 +197,19 @@ elif [ "$part" = 19 ]; then
         --json "$out/infer-eager.json"
     step profile-compiled 150 python profile_step.py --runs floor:0:compiled,lorakit:0:compiled,lorakit:0.1:compiled \
         --layers 4 --rows 30 --out "$out/profile-compiled"
+elif [ "$part" = 20 ]; then
+    step gpu-tests 120 python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_triton_kernels.py \
+        -k "fused_matches or masks_equal or gated"
+    cd benchmarks
+    step micro-gated 60 python micro_lora_ops.py --gated
+    step train-p01 120 python train_step.py --modes eager,graphed --methods floor,lorakit --ranks 16,64 \
+        --dropouts 0.1 --json "$out/train-p01.json"
+    if [ -d ../.carry/before/src ]; then
+        (cd ../.carry/before/benchmarks && export PYTHONPATH="$PWD/../src" \
+            && step train-p01-before 120 python train_step.py --modes eager,graphed --methods floor,lorakit \
+                --ranks 16,64 --dropouts 0.1 --json "$out/train-p01-before.json")
+    fi
 else
-    echo "usage: bash benchmarks/gpu_check.sh 1|...|19 [OUT_DIR]" >&2
+    echo "usage: bash benchmarks/gpu_check.sh 1|...|20 [OUT_DIR]" >&2
     exit 2
 fi

@@ -163,6 +163,23 @@ def gated(T: int = 8192, width: int = 8192, r: int = 16) -> None:
             ("backward: floor (torch, act(g) saved)", bench(floor_backward), 6),
             ("backward: lorakit before (torch + dA GEMM)", bench(torch_backward), 5),
             ]
+    # gate's and up's expands (h·Bᵀ into g and into u) before the activation, or folded into it
+    g2, u2 = g.clone(), u.clone()  # updated in place at every replay
+    hg, hu = (torch.randn(T, r, device=dev, dtype=dt) for _ in range(2))
+    bg, bu = (torch.randn(width, r, device=dev, dtype=dt) * 0.02 for _ in range(2))
+
+    def expands_then_act():
+        tk.expand_add_(g2, hg, bg)
+        tk.expand_add_(u2, hu, bu)
+        return tk.gated_act(g2, u2, "silu")
+
+    rows.append(("forward + gate/up expands: two expand_add_, gated_act", bench(expands_then_act), 7))
+    default = dict(tk.GATED_ACT_LORA_CONFIG)
+    for bt, bn, warps in [(32, 128, 4), (64, 128, 4), (64, 64, 4), (32, 256, 8), (64, 128, 8), (128, 64, 8)]:
+        tk.GATED_ACT_LORA_CONFIG.update(BT=bt, BN=bn, num_warps=warps)
+        rows.append((f"forward + expands folded: kernel BT={bt} BN={bn} warps={warps}",
+                     bench(lambda: tk.gated_act_lora_(g2, u2, hg, bg, hu, bu, "silu")), 5))
+    tk.GATED_ACT_LORA_CONFIG.update(default)
     default = dict(tk.GATED_BACKWARD_CONFIG)
     for bt, bn, warps, programs in [(64, 64, 4, 1024), (32, 128, 4, 1024), (64, 128, 8, 1024), (64, 64, 4, 2048),
                                     (128, 64, 8, 1024), (32, 64, 4, 4096)]:

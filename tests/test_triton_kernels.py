@@ -225,6 +225,34 @@ def test_gated_backward_matches_autograd(act, dtype, T, width, r, p):
     assert rel(da, want_da) < TOL[dtype]
 
 
+@pytest.mark.parametrize("act", sorted(tk.GATED_KERNEL_ACTS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,width,rg,ru", [(70, 45, 5, 3), (130, 256, 16, 16), (33, 200, 1, 64)])
+def test_gated_act_lora_folds_both_expands_into_the_activation(act, dtype, T, width, rg, ru):
+    """act(g + hg·Bgᵀ) ⊙ (u + hu·Buᵀ) with g and u updated in place: the same values as two in-place
+    expands and gated_act, and the rounded B copies written where asked (ranks of gate and up differ)."""
+    g, u = rand(T, width, dtype=dtype), rand(T, width, dtype=dtype, seed=1)
+    hg, hu = rand(T, rg, dtype=dtype, seed=2), rand(T, ru, dtype=dtype, seed=3)
+    bg, bu = rand(width, rg, seed=4), rand(width, ru, seed=5)  # float32 adapters, rounded to g's dtype
+    want_g = g.double() + hg.double() @ bg.to(dtype).double().T
+    want_u = u.double() + hu.double() @ bu.to(dtype).double().T
+    two_step_g, two_step_u = tk.expand_add_(g.clone(), hg, bg), tk.expand_add_(u.clone(), hu, bu)
+    two_step_z = tk.gated_act(two_step_g, two_step_u, act)
+    bg_out = torch.full(bg.shape, float("nan"), dtype=dtype, device=DEVICE) if dtype != torch.float32 else None
+    bu_out = torch.full(bu.shape, float("nan"), dtype=dtype, device=DEVICE) if dtype != torch.float32 else None
+    g_ptr = g.data_ptr()
+    z = tk.gated_act_lora_(g, u, hg, bg, hu, bu, act, bg_out, bu_out)
+    assert g.data_ptr() == g_ptr and z.dtype == dtype and z.shape == (T, width)
+    assert rel(g, want_g) < TOL[dtype] and rel(u, want_u) < TOL[dtype]
+    assert rel(z, gated_reference(want_g, want_u, act)) < TOL[dtype]
+    # z comes from the rounded g and u, as the gated backward recomputes it
+    assert rel(z, tk.gated_act(g, u, act)) < TOL[dtype] / 10
+    for got, want in ((g, two_step_g), (u, two_step_u), (z, two_step_z)):
+        assert rel(got, want) < TOL[dtype] / 10
+    if bg_out is not None:
+        assert torch.equal(bg_out, bg.to(dtype)) and torch.equal(bu_out, bu.to(dtype))
+
+
 @pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("p", [0.0, 0.25])
 @pytest.mark.parametrize("trainable_w", [False, True])
@@ -254,15 +282,19 @@ def test_gated_down_with_kernels_matches_reference(act, p, trainable_w, monkeypa
 
 
 @pytest.mark.parametrize("p", [0.0, 0.25])
-def test_whole_gated_mlp_node_with_kernels_matches_reference(p):
-    """gate, up and down as one node on the kernel route, against per-layer reference arithmetic."""
+def test_whole_gated_mlp_node_with_kernels_matches_reference(p, monkeypatch):
+    """gate, up and down as one node on the kernel route, against per-layer reference arithmetic;
+    with dropout, gate's and up's expands go through the activation kernel (`gated_act_lora_`)."""
+    folds = []
+    real = tk.gated_act_lora_
+    monkeypatch.setattr(tk, "gated_act_lora_", lambda *args: folds.append(1) or real(*args))
     fused.use_kernels_on_cpu(True)
     try:
         x = rand(3, 7, 40, seed=4).requires_grad_(True)
         parts = [(rand(64, 40, seed=5), None, rand(4, 40, seed=6).requires_grad_(True),
                   rand(64, 4, seed=7).requires_grad_(True)),
-                 (rand(64, 40, seed=8), None, rand(4, 40, seed=9).requires_grad_(True),
-                  rand(64, 4, seed=10).requires_grad_(True)),
+                 (rand(64, 40, seed=8), None, rand(3, 40, seed=9).requires_grad_(True),
+                  rand(64, 3, seed=10).requires_grad_(True)),  # ranks of gate and up differ
                  (rand(24, 64, seed=11), None, rand(4, 64, seed=12).requires_grad_(True),
                   rand(24, 4, seed=13).requires_grad_(True))]
         seeds = (77, 78, 79)
@@ -280,6 +312,7 @@ def test_whole_gated_mlp_node_with_kernels_matches_reference(p):
         assert rel(y, yr) < 1e-5
         for got, want in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(yr, leaves, dy)):
             assert rel(got, want) < 1e-5
+        assert len(folds) == (1 if p else 0)
     finally:
         fused.use_kernels_on_cpu(False)
 

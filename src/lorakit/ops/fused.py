@@ -163,13 +163,16 @@ def _scaled_mm(m1: Tensor, m2: Tensor, scale: float, dtype: torch.dtype | None =
 
 
 def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scale: float,
-             p: float, seed: Tensor | None, keep: Tensor | None = None
+             p: float, seed: Tensor | None, keep: Tensor | None = None, expand: bool = True
              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """(y, h, a, b, w_eff) for x2 (T, in): y = x·Wᵀ + b + h·Bᵀ with h = s·dropout(x)·Aᵀ (T, r).
 
     a and b are A and B in x's dtype; backward reuses them instead of casting again.
     w_eff is W + s·B·A where forward built it (no dropout), else None. `keep`, where the
-    kernels do not run, is the seed's mask made already (`_keep_mask`).
+    kernels do not run, is the seed's mask made already (`_keep_mask`). `expand=False`, on
+    the kernels' dropout route only, leaves h·Bᵀ out of y for the caller to add (the gated
+    MLP folds it into its activation kernel); b is then lora_B itself or a buffer of its
+    shape in x's dtype that the caller must fill with B rounded to that dtype.
     """
     ct = x2.dtype
     n_out, n_in = weight.shape
@@ -190,6 +193,8 @@ def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lo
         a = lora_A if lora_A.dtype == ct else torch.empty(lora_A.shape, dtype=ct, device=x2.device)
         b = lora_B if lora_B.dtype == ct else torch.empty(lora_B.shape, dtype=ct, device=x2.device)
         h = tk.masked_shrink(x2, lora_A, p, seed, scale, None if a is lora_A else a)  # (T, r), mask made in-kernel
+        if not expand:
+            return y, h, a, b, None
         # The expand in place, in a Triton kernel: faster than cuBLAS's addmm_ here, and under the
         # compiler, which turns addmm_ into an out-of-place addmm that copies y first (0.18 ms a
         # Llama-1B block on an H200), it stays in place. Computing h·Bᵀ first and letting the base
@@ -407,14 +412,22 @@ class GatedMLPFunction(torch.autograd.Function):
                 scales: tuple[float, float, float], ps: tuple[float, float, float],
                 seeds: tuple[Tensor | None, Tensor | None, Tensor | None]) -> Tensor:
         x2 = _rows(x)  # (T, in)
+        # With dropout on gate and up and the kernels running, their expands h·Bᵀ are added in
+        # the activation kernel (`gated_act_lora_`) rather than by two passes over g and u.
+        fold = bool(ps[0] and ps[1]) and _kernels(x2) and act in tk.GATED_KERNEL_ACTS and wg.shape[0] == wu.shape[0]
         keeps, outs = [], []
         for (w, b, a, bb), s, p, seed in zip(((wg, bg, ag, bbg), (wu, bu, au, bbu)), scales, ps, seeds):
             keeps.append(_cpu_keep(x2, p, seed))
-            outs.append(_forward(x2, w, b, a, bb, s, p, seed, keeps[-1]))  # (g or u, h, a, b, w_eff)
+            outs.append(_forward(x2, w, b, a, bb, s, p, seed, keeps[-1], expand=not fold))  # (g or u, h, a, b, w_eff)
         (g, hg, ag_c, bg_c, weff_g), (u, hu, au_c, bu_c, weff_u) = outs
         keeps.append(_cpu_keep(g, ps[2], seeds[2]))
-        y, hd, ad_c, bd_c, weff_d = _gated_node_forward(g, u, act, wd, bd, ad, bbd, scales[2], ps[2], seeds[2],
-                                                        keeps[2])
+        if fold:
+            z = tk.gated_act_lora_(g, u, hg, bbg, hu, bbu, act, None if bg_c is bbg else bg_c,
+                                   None if bu_c is bbu else bu_c)
+            y, hd, ad_c, bd_c, weff_d = _forward(z, wd, bd, ad, bbd, scales[2], ps[2], seeds[2], keeps[2])
+        else:
+            y, hd, ad_c, bd_c, weff_d = _gated_node_forward(g, u, act, wd, bd, ad, bbd, scales[2], ps[2], seeds[2],
+                                                            keeps[2])
         weffs = (weff_g, weff_u, weff_d) if SAVE_W_EFF else (None, None, None)
         ctx.save_for_backward(x, g, u, wg, wu, wd, ag_c, bg_c, au_c, bu_c, ad_c, bd_c, hg, hu, hd, *seeds, *weffs,
                               *keeps)

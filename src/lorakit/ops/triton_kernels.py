@@ -486,6 +486,47 @@ if triton is not None:
         tl.store(Z + offs, (a * u).to(Z.dtype.element_ty), mask=ok)
 
     @triton.jit
+    def _lora_delta(H, B, B_OUT, rt, rn, T, width, r, s_h0, s_h1, s_b0, s_b1, dtype,
+                    BR: tl.constexpr, IEEE: tl.constexpr, WRITE_B: tl.constexpr):
+        # (H·Bᵀ)[rt, rn] in float32, B read in its own dtype and rounded to `dtype`; with WRITE_B
+        # the first row of programs stores that rounded B in B_OUT (width, r).
+        rr = tl.arange(0, BR)
+        h = tl.load(H + rt[:, None] * s_h0 + rr[None, :] * s_h1, mask=(rt[:, None] < T) & (rr[None, :] < r),
+                    other=0.0)  # (BT, BR)
+        b_ok = (rr[:, None] < r) & (rn[None, :] < width)
+        b = tl.load(B + rn[None, :] * s_b0 + rr[:, None] * s_b1, mask=b_ok, other=0.0).to(dtype)  # (BR, BN) = Bᵀ
+        if WRITE_B:
+            if tl.program_id(0) == 0:
+                tl.store(B_OUT + rn[None, :] * r + rr[:, None], b, mask=b_ok)
+        if IEEE:
+            return tl.dot(h, b, input_precision="ieee")
+        return tl.dot(h, b)
+
+    @triton.jit
+    def _gated_act_lora_kernel(G, U, Z, HG, BG, HU, BU, BG_OUT, BU_OUT, T, width, rg, ru,
+                               s_hg0, s_hg1, s_bg0, s_bg1, s_hu0, s_hu1, s_bu0, s_bu1, ACT: tl.constexpr,
+                               BT: tl.constexpr, BN: tl.constexpr, BRG: tl.constexpr, BRU: tl.constexpr,
+                               IEEE: tl.constexpr, WRITE_BG: tl.constexpr, WRITE_BU: tl.constexpr):
+        # On one (BT, BN) tile of G, U, Z (contiguous (T, width)): G += HG·BGᵀ and U += HU·BUᵀ in
+        # place (summed in float32, rounded once, as the in-place expand does), then
+        # Z = act(G)·U from the rounded G and U, as backward recomputes it.
+        rt = tl.program_id(0) * BT + tl.arange(0, BT)
+        rn = tl.program_id(1) * BN + tl.arange(0, BN)
+        ok = (rt[:, None] < T) & (rn[None, :] < width)
+        offs = rt[:, None].to(tl.int64) * width + rn[None, :]
+        dtype = G.dtype.element_ty
+        dg = _lora_delta(HG, BG, BG_OUT, rt, rn, T, width, rg, s_hg0, s_hg1, s_bg0, s_bg1, dtype, BRG, IEEE,
+                         WRITE_BG)
+        g = (tl.load(G + offs, mask=ok, other=0.0).to(tl.float32) + dg).to(dtype)
+        tl.store(G + offs, g, mask=ok)
+        du = _lora_delta(HU, BU, BU_OUT, rt, rn, T, width, ru, s_hu0, s_hu1, s_bu0, s_bu1, dtype, BRU, IEEE,
+                         WRITE_BU)
+        u = (tl.load(U + offs, mask=ok, other=0.0).to(tl.float32) + du).to(dtype)
+        tl.store(U + offs, u, mask=ok)
+        a, _ = _act_and_grad(g.to(tl.float32), ACT)
+        tl.store(Z + offs, (a * u.to(tl.float32)).to(dtype), mask=ok)
+
+    @triton.jit
     def _gated_backward_kernel(DZ, G, U, DYB, A, DU, PART, T, width, r, SEED, p, mult, rows_per_split,
                                s_d0, s_d1, s_a0, s_a1, ACT: tl.constexpr, DROPOUT: tl.constexpr,
                                BT: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
@@ -587,6 +628,32 @@ def gated_act(g: Tensor, u: Tensor, act: str) -> Tensor:
     n = g.numel()
     block = 1024
     _gated_act_kernel[(cdiv(n, block),)](g, u, z, n, ACT=GATED_KERNEL_ACTS[act], BLOCK=block)
+    return z
+
+
+# The folded expand-and-activate kernel's tile (benchmarks/micro_lora_ops.py --gated times it).
+GATED_ACT_LORA_CONFIG = {"BT": 32, "BN": 128, "num_warps": 4}
+
+
+def gated_act_lora_(g: Tensor, u: Tensor, hg: Tensor, lora_Bg: Tensor, hu: Tensor, lora_Bu: Tensor, act: str,
+                    bg_out: Tensor | None = None, bu_out: Tensor | None = None) -> Tensor:
+    """act(g + hg·Bgᵀ) ⊙ (u + hu·Buᵀ) in one pass, with g and u updated in place to the sums.
+
+    g, u: contiguous (T, width) of one dtype, the base GEMMs' outputs of gate and up; hg (T, rg)
+    and hu (T, ru) their scaled shrinks in that dtype; Bg (width, rg), Bu (width, ru) in any
+    dtype, rounded to g's as they are read (`bg_out` / `bu_out`, contiguous tensors of B's shape
+    in g's dtype, if given receive the rounded copies). The same bits as `expand_add_` on g and
+    on u followed by `gated_act`, with two reads and two writes of a (T, width) tensor fewer.
+    """
+    T, width = g.shape
+    z = torch.empty_like(g)
+    cfg = GATED_ACT_LORA_CONFIG
+    grid = (cdiv(T, cfg["BT"]), cdiv(width, cfg["BN"]))
+    _gated_act_lora_kernel[grid](
+        g, u, z, hg, lora_Bg, hu, lora_Bu, g if bg_out is None else bg_out, u if bu_out is None else bu_out, T, width,
+        hg.shape[1], hu.shape[1], hg.stride(0), hg.stride(1), lora_Bg.stride(0), lora_Bg.stride(1), hu.stride(0),
+        hu.stride(1), lora_Bu.stride(0), lora_Bu.stride(1), ACT=GATED_KERNEL_ACTS[act], BRG=_br(hg.shape[1]),
+        BRU=_br(hu.shape[1]), IEEE=_ieee(g), WRITE_BG=bg_out is not None, WRITE_BU=bu_out is not None, **cfg)
     return z
 
 
