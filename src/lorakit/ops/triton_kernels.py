@@ -312,6 +312,23 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
+    def _lora_delta(H, B, B_OUT, rt, rn, T, width, r, s_h0, s_h1, s_b0, s_b1, dtype,
+                    BR: tl.constexpr, IEEE: tl.constexpr, WRITE_B: tl.constexpr):
+        # (H·Bᵀ)[rt, rn] in float32, B read in its own dtype and rounded to `dtype`; with WRITE_B
+        # the first row of programs stores that rounded B in B_OUT (width, r).
+        rr = tl.arange(0, BR)
+        h = tl.load(H + rt[:, None] * s_h0 + rr[None, :] * s_h1, mask=(rt[:, None] < T) & (rr[None, :] < r),
+                    other=0.0)  # (BT, BR)
+        b_ok = (rr[:, None] < r) & (rn[None, :] < width)
+        b = tl.load(B + rn[None, :] * s_b0 + rr[:, None] * s_b1, mask=b_ok, other=0.0).to(dtype)  # (BR, BN) = Bᵀ
+        if WRITE_B:
+            if tl.program_id(0) == 0:
+                tl.store(B_OUT + rn[None, :] * r + rr[:, None], b, mask=b_ok)
+        if IEEE:
+            return tl.dot(h, b, input_precision="ieee")
+        return tl.dot(h, b)
+
+    @triton.jit
     def _train_expand_add_kernel(Y, H, B, B_OUT, T, n_out, r, s_y0, s_y1, s_h0, s_h1, s_b0, s_b1,
                                  BT: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr,
                                  WRITE_B: tl.constexpr):
@@ -320,19 +337,8 @@ if triton is not None:
         # stores that rounded copy in B_OUT (out, r).
         rt = tl.program_id(0) * BT + tl.arange(0, BT)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
-        rr = tl.arange(0, BR)
-        h = tl.load(H + rt[:, None] * s_h0 + rr[None, :] * s_h1, mask=(rt[:, None] < T) & (rr[None, :] < r),
-                    other=0.0)  # (BT, BR)
-        b_ok = (rr[:, None] < r) & (rn[None, :] < n_out)
-        b = tl.load(B + rn[None, :] * s_b0 + rr[:, None] * s_b1, mask=b_ok,
-                    other=0.0).to(H.dtype.element_ty)  # (BR, BN) = Bᵀ tile
-        if WRITE_B:
-            if tl.program_id(0) == 0:
-                tl.store(B_OUT + rn[None, :] * r + rr[:, None], b, mask=b_ok)
-        if IEEE:
-            acc = tl.dot(h, b, input_precision="ieee")
-        else:
-            acc = tl.dot(h, b)
+        acc = _lora_delta(H, B, B_OUT, rt, rn, T, n_out, r, s_h0, s_h1, s_b0, s_b1, H.dtype.element_ty, BR, IEEE,
+                          WRITE_B)
         ok = (rt[:, None] < T) & (rn[None, :] < n_out)
         ptr = Y + rt[:, None] * s_y0 + rn[None, :] * s_y1
         y = tl.load(ptr, mask=ok, other=0.0).to(tl.float32) + acc
@@ -486,23 +492,6 @@ if triton is not None:
         tl.store(Z + offs, (a * u).to(Z.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _lora_delta(H, B, B_OUT, rt, rn, T, width, r, s_h0, s_h1, s_b0, s_b1, dtype,
-                    BR: tl.constexpr, IEEE: tl.constexpr, WRITE_B: tl.constexpr):
-        # (H·Bᵀ)[rt, rn] in float32, B read in its own dtype and rounded to `dtype`; with WRITE_B
-        # the first row of programs stores that rounded B in B_OUT (width, r).
-        rr = tl.arange(0, BR)
-        h = tl.load(H + rt[:, None] * s_h0 + rr[None, :] * s_h1, mask=(rt[:, None] < T) & (rr[None, :] < r),
-                    other=0.0)  # (BT, BR)
-        b_ok = (rr[:, None] < r) & (rn[None, :] < width)
-        b = tl.load(B + rn[None, :] * s_b0 + rr[:, None] * s_b1, mask=b_ok, other=0.0).to(dtype)  # (BR, BN) = Bᵀ
-        if WRITE_B:
-            if tl.program_id(0) == 0:
-                tl.store(B_OUT + rn[None, :] * r + rr[:, None], b, mask=b_ok)
-        if IEEE:
-            return tl.dot(h, b, input_precision="ieee")
-        return tl.dot(h, b)
-
-    @triton.jit
     def _gated_act_lora_kernel(G, U, Z, HG, BG, HU, BU, BG_OUT, BU_OUT, T, width, rg, ru,
                                s_hg0, s_hg1, s_bg0, s_bg1, s_hu0, s_hu1, s_bu0, s_bu1, ACT: tl.constexpr,
                                BT: tl.constexpr, BN: tl.constexpr, BRG: tl.constexpr, BRU: tl.constexpr,
@@ -642,7 +631,7 @@ def gated_act_lora_(g: Tensor, u: Tensor, hg: Tensor, lora_Bg: Tensor, hu: Tenso
     g, u: contiguous (T, width) of one dtype, the base GEMMs' outputs of gate and up; hg (T, rg)
     and hu (T, ru) their scaled shrinks in that dtype; Bg (width, rg), Bu (width, ru) in any
     dtype, rounded to g's as they are read (`bg_out` / `bu_out`, contiguous tensors of B's shape
-    in g's dtype, if given receive the rounded copies). The same bits as `expand_add_` on g and
+    in g's dtype, if given receive the rounded copies). The arithmetic of `expand_add_` on g and
     on u followed by `gated_act`, with two reads and two writes of a (T, width) tensor fewer.
     """
     T, width = g.shape
