@@ -114,6 +114,13 @@ def cases(sweep: bool):
     e = tk.EXPAND_CONFIG
     yield f"expand add BT={e['BT']} BN={e['BN']} warps={e['num_warps']}", tk._train_expand_add_kernel, expand, \
         dict(BT=e["BT"], BN=e["BN"], BR=R, IEEE=False, WRITE_B=False), e["num_warps"]
+    fold = dict(G="bf16", U="bf16", Z="bf16", HG="bf16", BG="bf16", HU="bf16", BU="bf16", BG_OUT="bf16",
+                BU_OUT="bf16", T=T, width=WIDTH, rg=R, ru=R, s_hg0=R, s_hg1=1, s_bg0=R, s_bg1=1, s_hu0=R, s_hu1=1,
+                s_bu0=R, s_bu1=1)
+    f = tk.GATED_ACT_LORA_CONFIG
+    yield f"gate/up expands + activation BT={f['BT']} BN={f['BN']} warps={f['num_warps']}", \
+        tk._gated_act_lora_kernel, fold, dict(ACT=0, BT=f["BT"], BN=f["BN"], BRG=R, BRU=R, IEEE=False,
+                                              WRITE_BG=False, WRITE_BU=False), f["num_warps"]
 
 
 def main() -> None:

@@ -72,7 +72,6 @@ def test_mask_is_reproducible_and_drops_p():
     assert abs(1 - float(m1.float().mean()) - 0.25) < 0.02
 
 
-
 def test_mask_draws_of_a_pair_are_independent():
     # Two columns share one 32-bit hash (its low and high halves): neighbours, within a pair
     # and across pairs and rows, must still look independent, and the drop rate is p's.
