@@ -11,10 +11,15 @@ pieces (dy·B)ᵀ·x and dyᵀ·h. Prints one row per shape.
     python benchmarks/micro_lora_ops.py --gated     # the gated MLP's elementwise work, torch vs kernels
     python benchmarks/micro_lora_ops.py --masked    # the dropout kernels' tile configurations
     python benchmarks/micro_lora_ops.py --w-eff     # the W + s·B·A kernel's tiles against a plain copy of W
+    python benchmarks/micro_lora_ops.py --mask-cost # the dropout kernels with their hashed mask and with a cheap one
     python benchmarks/micro_lora_ops.py --masked --rank 64   # any of them at another rank (default 16)
 """
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import torch
 import triton.testing as tt
@@ -270,15 +275,88 @@ def masked(T: int = 8192, r: int = 16) -> None:
         print(f"{name:<36} " + " ".join(f"{v:8.3f}" for v in cells))
 
 
+def _mask_kernel_rows(T: int, r: int) -> list[tuple[str, float]]:
+    """(label, ms) of each kernel that regenerates a dropout mask, at p = 0.1, with whatever `_keep` is in place."""
+    from lorakit.ops import triton_kernels as tk
+
+    dev, dt = "cuda", torch.bfloat16
+    seed = tk.seed_tensor(3, dev)
+    dyb = torch.randn(T, r, device=dev, dtype=dt)
+    rows = []
+    for n in (2048, 8192):
+        x = torch.randn(T, n, device=dev, dtype=dt)
+        a = torch.randn(r, n, device=dev, dtype=dt) * 0.02
+        dx = torch.randn_like(x)
+        rows.append((f"masked shrink, in={n}", bench(lambda: tk.masked_shrink(x, a, 0.1, seed))))
+        rows.append((f"masked dx + dA, in={n}", bench(lambda: tk.masked_backward_(dx, x, dyb, a, 2.0, 0.1, seed))))
+    g, u, dz = (torch.randn(T, 8192, device=dev, dtype=dt) for _ in range(3))
+    a = torch.randn(r, 8192, device=dev, dtype=dt) * 0.02
+    rows.append(("gated backward, 8192 wide", bench(lambda: tk.gated_backward(dz, g, u, dyb, "silu", 2.0, 0.1, seed, a))))
+    return rows
+
+
+def _no_dropout_rows(T: int, r: int) -> dict[str, float]:
+    """The same work without dropout (nothing to hash), for scale: cuBLAS where lorakit uses it at p = 0."""
+    from lorakit.ops import triton_kernels as tk
+
+    dev, dt = "cuda", torch.bfloat16
+    dyb = torch.randn(T, r, device=dev, dtype=dt)
+    rows = {}
+    for n in (2048, 8192):
+        x = torch.randn(T, n, device=dev, dtype=dt)
+        a = torch.randn(r, n, device=dev, dtype=dt) * 0.02
+        dx = torch.randn_like(x)
+        rows[f"masked shrink, in={n}"] = bench(lambda: x @ a.T)
+        rows[f"masked dx + dA, in={n}"] = bench(lambda: (dx.addmm_(dyb, a), dyb.T @ x))
+    g, u, dz = (torch.randn(T, 8192, device=dev, dtype=dt) for _ in range(3))
+    rows["gated backward, 8192 wide"] = bench(lambda: tk.gated_backward(dz, g, u, dyb, "silu", 2.0))
+    return rows
+
+
+def mask_cost(T: int = 8192, r: int = 16) -> None:
+    """What hashing the dropout mask costs the kernels that regenerate it: each kernel timed as it is, then in
+    a child process with `_keep` swapped for a mask of three integer operations an element (wrong as dropout,
+    same memory traffic), and the same work without dropout for scale."""
+    hashed = _mask_kernel_rows(T, r)
+    child = subprocess.run([sys.executable, __file__, "--mask-cost-cheap", "--rank", str(r)], capture_output=True,
+                           text=True, check=True)
+    cheap = dict(json.loads(child.stdout.strip().splitlines()[-1]))
+    plain = _no_dropout_rows(T, r)
+    print(f"\n{'dropout mask cost (T=' + str(T) + ', r=' + str(r) + ', p = 0.1), ms':<40} {'hashed':>8} {'cheap':>8} "
+          f"{'hash':>8} {'no dropout':>10}")
+    for label, ms in hashed:
+        print(f"{label:<40} {ms:8.3f} {cheap[label]:8.3f} {ms - cheap[label]:8.3f} {plain[label]:10.3f}")
+
+
+def _mask_cost_cheap(r: int = 16) -> None:
+    """mask_cost's child: the kernels with a cheap stand-in for `_keep`, set before any of them compiles."""
+    import triton
+    import triton.language as tl
+
+    from lorakit.ops import triton_kernels as tk
+
+    @triton.jit
+    def cheap_keep(seed, rows, c0, n_in, p, BT: tl.constexpr, BC: tl.constexpr):
+        cols = c0 + tl.arange(0, BC)
+        return ((rows[:, None] + cols[None, :] + seed.to(tl.int32)) & 15) != 0
+
+    tk._keep = cheap_keep
+    print(json.dumps(_mask_kernel_rows(8192, r)))
+
+
 if __name__ == "__main__":
     import argparse
 
-    modes = {"kernels": kernels, "grads": grads, "gated": gated, "masked": masked, "w_eff": w_eff}
+    modes = {"kernels": kernels, "grads": grads, "gated": gated, "masked": masked, "w_eff": w_eff,
+             "mask_cost": mask_cost}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for mode in modes:
         parser.add_argument(f"--{mode.replace('_', '-')}", action="store_true")
     parser.add_argument("--rank", type=int, default=16, help="the LoRA rank r (default %(default)s)")
+    parser.add_argument("--mask-cost-cheap", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.mask_cost_cheap:
+        sys.exit(_mask_cost_cheap(args.rank))
     chosen = [fn for mode, fn in modes.items() if getattr(args, mode)] or [main]
     for fn in chosen:
         fn(r=args.rank)

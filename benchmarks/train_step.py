@@ -67,7 +67,7 @@ def build(method: str, r: int, dropout: float, layers: int = 16):
 
 
 def measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: bool | str, steps: int,
-            warm: int) -> dict:
+            warm: int, layers: int = 16) -> dict:
     """One run. "lorakit-opaque" has torch.compile call lorakit's nodes as opaque custom ops
     (fused.COMPILE_AS_CUSTOM_OPS) instead of tracing through them; "lorakit-keep-weff" keeps
     W + s·B·A from forward for backward (fused.SAVE_W_EFF); "lorakit-torch-gated" runs the
@@ -76,7 +76,8 @@ def measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: bo
     kernels that read them (W + s·B·A; with dropout, the masked shrink and the expand), as
     before those kernels rounded them themselves; "lorakit-three-nodes" runs each gated MLP
     as three autograd nodes (gate, up, and down with the elementwise work) instead of one
-    (fusion.WHOLE_MLP_NODE off), as before that node."""
+    (fusion.WHOLE_MLP_NODE off), as before that node; "lorakit-one-node" runs it as one node under
+    torch.compile too (fusion.WHOLE_MLP_NODE_COMPILED)."""
     from lorakit import fusion
     from lorakit.ops import fused
 
@@ -86,8 +87,9 @@ def measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: bo
                 {k: getattr(tk, k) for k in kernels})
     fused.COMPILE_AS_CUSTOM_OPS = method == "lorakit-opaque"
     fused.SAVE_W_EFF = method == "lorakit-keep-weff"
-    whole_mlp = fusion.WHOLE_MLP_NODE
-    fusion.set_whole_mlp_node(whole_mlp and method != "lorakit-three-nodes")
+    whole_mlp, whole_mlp_compiled = fusion.WHOLE_MLP_NODE, fusion.WHOLE_MLP_NODE_COMPILED
+    fusion.set_whole_mlp_node(whole_mlp and method != "lorakit-three-nodes",
+                              whole_mlp_compiled or method == "lorakit-one-node")
     if method == "lorakit-torch-gated":
         fused._gated_kernels = lambda g, u, act: False
     if method == "lorakit-cast-first":
@@ -102,20 +104,20 @@ def measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: bo
             x2, a.to(x2.dtype), p, seed, scale, a_out)
         tk.expand_add_ = lambda y, h, b, b_out=None: real["expand_add_"](y, h, b.to(h.dtype), b_out)
     try:
-        return _measure(method, bs, seq, r, dropout, compiled, steps, warm)
+        return _measure(method, bs, seq, r, dropout, compiled, steps, warm, layers)
     finally:
         fused.COMPILE_AS_CUSTOM_OPS, fused.SAVE_W_EFF, fused._gated_kernels = defaults[:3]
-        fusion.set_whole_mlp_node(whole_mlp)
+        fusion.set_whole_mlp_node(whole_mlp, whole_mlp_compiled)
         for k, fn in defaults[3].items():
             setattr(tk, k, fn)
 
 
 def _measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: bool | str, steps: int,
-             warm: int) -> dict:
+             warm: int, layers: int = 16) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    model = build(method, r, dropout)
+    model = build(method, r, dropout, layers)
     model.train()
     if compiled is True:
         model = torch.compile(model)
@@ -125,6 +127,8 @@ def _measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: b
     ids = torch.randint(1, 128256, (bs, seq), device="cuda", generator=g)
     labels = torch.randint(0, 2, (bs,), device="cuda", generator=g)
     row = dict(method=method, bs=bs, seq=seq, r=r, dropout=dropout, compiled=compiled)
+    if layers != 16:
+        row.update(layers=layers)
     if compiled == "graphed":
         try:
             times = _graphed_times(model, opt, ids, labels, steps, warm)
@@ -213,6 +217,8 @@ def main() -> None:
                              "captured in one CUDA graph), comma-separated")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warm", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=16,
+                        help="decoder blocks (default %(default)s, Llama-3.2-1B's); fewer compile faster")
     parser.add_argument("--json", default=None, help="write all rows here")
     args = parser.parse_args()
     import transformers
@@ -234,7 +240,7 @@ def main() -> None:
                     continue  # no adapter: the rank does not change these runs
                 dropouts = [0.0] if method in ("floor", "full") else [float(d) for d in args.dropouts.split(",")]
                 for dropout in dropouts:
-                    row = measure(method, bs, seq, r, dropout, compiled, args.steps, args.warm)
+                    row = measure(method, bs, seq, r, dropout, compiled, args.steps, args.warm, args.layers)
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
                     if args.json:  # written after every run, so a cut-off run keeps its rows

@@ -151,18 +151,22 @@ def test_bf16_compiled_nodes_match_eager_with_one_seed(p, custom_ops, monkeypatc
         assert rel(g1, g2) < 2e-2, name
 
 
-@pytest.mark.parametrize("custom_ops", [True, False], ids=["custom-ops", "traced"])
+@pytest.mark.parametrize("route", ["custom-ops", "traced", "traced-one-node"])
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_bf16_compiled_matches_eager(p, custom_ops, monkeypatch):
+def test_bf16_compiled_matches_eager(p, route, monkeypatch):
     """torch.compile (inductor), through the custom ops or traced: loss and A/B gradients as close
     to a float32 run of the same model as the eager bf16 run is.
 
     Compiled and eager bf16 round differently (the compiler fuses the norms and casts), so the
     two differ by about their distance to float32 each (measured: 0.021 relative for some A/B
-    gradients at p = 0.1); a different dropout mask would put the compiled run near 1."""
+    gradients at p = 0.1); a different dropout mask would put the compiled run near 1.
+    "traced-one-node" traces each gated MLP as one node (fusion.WHOLE_MLP_NODE_COMPILED)."""
     import copy
 
-    monkeypatch.setattr(fused, "COMPILE_AS_CUSTOM_OPS", custom_ops)
+    from lorakit import fusion
+
+    monkeypatch.setattr(fused, "COMPILE_AS_CUSTOM_OPS", route == "custom-ops")
+    monkeypatch.setattr(fusion, "WHOLE_MLP_NODE_COMPILED", route == "traced-one-node")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)

@@ -441,6 +441,38 @@ def test_compiled_model_matches_eager(p, custom_ops, monkeypatch):
         assert rel(g1, g2) < 1e-5
 
 
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_compiled_one_node_mlp_matches_eager(p, monkeypatch):
+    """With WHOLE_MLP_NODE_COMPILED the compiler traces each gated MLP as one node: the same loss and
+    A/B gradients as the eager model (which runs that node too)."""
+    from lorakit import fusion
+
+    model = lorakit.inject(tiny_llama_causal(), lorakit.LoraConfig(r=4, target_modules=LLAMA_TARGETS, lora_dropout=p,
+                                                                   init_lora_weights=False)).train()
+    ids = input_ids()
+    params = [q for q in model.parameters() if q.requires_grad]
+    torch.manual_seed(5)
+    loss = model(input_ids=ids, labels=ids).loss
+    want = torch.autograd.grad(loss, params)
+    calls = []
+    real = ops.fused_gated_mlp
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "fused_gated_mlp", spy)
+    monkeypatch.setattr(fusion, "WHOLE_MLP_NODE_COMPILED", True)
+    torch._dynamo.reset()
+    torch.manual_seed(5)
+    loss_c = torch.compile(model, backend="aot_eager", fullgraph=True)(input_ids=ids, labels=ids).loss
+    got = torch.autograd.grad(loss_c, params)
+    assert len(calls) == 2, "each of the two MLPs should have been traced as one node"
+    assert rel(loss_c.detach(), loss.detach()) < 1e-6
+    for g1, g2 in zip(got, want):
+        assert rel(g1, g2) < 1e-5
+
+
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="inductor's CPU code needs a C++ compiler")
 @pytest.mark.parametrize("p", [0.0, 0.25])
 def test_inductor_cpu_nodes_match_eager(p):

@@ -29,11 +29,18 @@ _PARTS = ("gate_proj", "up_proj", "down_proj")
 # `set_whole_mlp_node(False)` turns it off.
 WHOLE_MLP_NODE = env_flag("LORAKIT_WHOLE_MLP_NODE", default=True)
 
+# Under torch.compile the MLP runs as three nodes unless this is on (LORAKIT_WHOLE_MLP_NODE_COMPILED=1
+# or `set_whole_mlp_node(compiled=True)`).
+WHOLE_MLP_NODE_COMPILED = env_flag("LORAKIT_WHOLE_MLP_NODE_COMPILED", default=False)
 
-def set_whole_mlp_node(enabled: bool) -> None:
-    """Run gate, up and down of a gated MLP as one autograd node (see WHOLE_MLP_NODE)."""
-    global WHOLE_MLP_NODE
+
+def set_whole_mlp_node(enabled: bool, compiled: bool | None = None) -> None:
+    """Run gate, up and down of a gated MLP as one autograd node (see WHOLE_MLP_NODE); `compiled`,
+    if given, sets whether that holds under torch.compile too (WHOLE_MLP_NODE_COMPILED)."""
+    global WHOLE_MLP_NODE, WHOLE_MLP_NODE_COMPILED
     WHOLE_MLP_NODE = bool(enabled)
+    if compiled is not None:
+        WHOLE_MLP_NODE_COMPILED = bool(compiled)
 
 
 def activation_kind(act: object) -> str | None:
@@ -60,10 +67,10 @@ def _one_node_parts(mlp: nn.Module, name: str, x: Tensor):
     """((weight, bias, A, B) of gate, up, down) when the whole MLP can run as one node with
     adapter `name`, else None. `_fused_forward` has checked down_proj already; gate and up must
     be LoRA layers like it, each with `name` alone active, no hooks, in down's training mode,
-    and all three bases frozen plain linear layers. Not under torch.compile (which keeps its own
-    per-layer graph)."""
+    and all three bases frozen plain linear layers. Under torch.compile only with WHOLE_MLP_NODE_COMPILED."""
     down = mlp.down_proj
-    if not WHOLE_MLP_NODE or torch.compiler.is_compiling() or down.base_layer.weight.requires_grad:
+    if (not WHOLE_MLP_NODE or (torch.compiler.is_compiling() and not WHOLE_MLP_NODE_COMPILED)
+            or down.base_layer.weight.requires_grad):
         return None
     for layer in (mlp.gate_proj, mlp.up_proj):
         if not (isinstance(layer, LoraLinear) and layer.route is None and not layer.fan_in_fan_out and not _hooked(layer)
