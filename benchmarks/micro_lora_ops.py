@@ -12,6 +12,7 @@ pieces (dy·B)ᵀ·x and dyᵀ·h. Prints one row per shape.
     python benchmarks/micro_lora_ops.py --masked    # the dropout kernels' tile configurations
     python benchmarks/micro_lora_ops.py --w-eff     # the W + s·B·A kernel's tiles against a plain copy of W
     python benchmarks/micro_lora_ops.py --mask-cost # the dropout kernels with their hashed mask and with a cheap one
+    python benchmarks/micro_lora_ops.py --siblings  # layers reading one x: their dropout backward one by one or in one pass
     python benchmarks/micro_lora_ops.py --masked --rank 64   # any of them at another rank (default 16)
 """
 
@@ -275,6 +276,36 @@ def masked(T: int = 8192, r: int = 16) -> None:
         print(f"{name:<36} " + " ".join(f"{v:8.3f}" for v in cells))
 
 
+def siblings(T: int = 8192, r: int = 16) -> None:
+    """The dropout backward (dx share and dA) of two layers (gate/up) and three (q/k/v) reading one
+    x (in = 2048): one `masked_backward_` a layer against one shared pass, at several tiles.
+    GB/s counts what the shared pass must move: dx read and written, x read once."""
+    from lorakit.ops import triton_kernels as tk
+
+    dev, dt, n_in = "cuda", torch.bfloat16, 2048
+    x = torch.randn(T, n_in, device=dev, dtype=dt)
+    dx = torch.randn_like(x)
+    seeds = [tk.seed_tensor(3 + i, dev) for i in range(3)]
+    terms = [(torch.randn(T, r, device=dev, dtype=dt), torch.randn(r, n_in, device=dev, dtype=dt) * 0.02, 2.0, 0.1,
+              seeds[i]) for i in range(3)]
+    mb = 3 * T * n_in * 2 / 1e6
+    rows = []
+    for n in (2, 3):
+        rows.append((f"{n} layers, one masked_backward_ each", bench(
+            lambda: [tk.masked_backward_(dx, x, d, a, s, p, sd) for d, a, s, p, sd in terms[:n]])))
+        cfg = tk.MASKED_SIBLINGS_CONFIG[n]
+        default = dict(cfg)
+        for bt, bn, warps, programs in [(32, 128, 4, 1024), (32, 64, 4, 2048), (64, 64, 4, 1024), (32, 128, 8, 1024),
+                                        (16, 128, 4, 2048), (64, 128, 8, 1024)]:
+            cfg.update(BT=bt, BN=bn, num_warps=warps, programs=programs)
+            rows.append((f"{n} layers, shared pass BT={bt} BN={bn} warps={warps} programs~{programs}",
+                         bench(lambda: tk.masked_backward_siblings_(dx, x, terms[:n]))))
+        cfg.update(default)
+    print(f"\n{'layers reading one x (T=' + str(T) + ', in=2048, p = 0.1)':<62} {'ms':>7} {'GB/s':>7}")
+    for name, ms in rows:
+        print(f"{name:<62} {ms:7.3f} {mb / ms:7.0f}")
+
+
 def _mask_kernel_rows(T: int, r: int) -> list[tuple[str, float]]:
     """(label, ms) of each kernel that regenerates a dropout mask, at p = 0.1, with whatever `_keep` is in place."""
     from lorakit.ops import triton_kernels as tk
@@ -348,7 +379,7 @@ if __name__ == "__main__":
     import argparse
 
     modes = {"kernels": kernels, "grads": grads, "gated": gated, "masked": masked, "w_eff": w_eff,
-             "mask_cost": mask_cost}
+             "mask_cost": mask_cost, "siblings": siblings}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for mode in modes:
         parser.add_argument(f"--{mode.replace('_', '-')}", action="store_true")

@@ -77,7 +77,8 @@ def measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: bo
     before those kernels rounded them themselves; "lorakit-three-nodes" runs each gated MLP
     as three autograd nodes (gate, up, and down with the elementwise work) instead of one
     (fusion.WHOLE_MLP_NODE off), as before that node; "lorakit-one-node" runs it as one node under
-    torch.compile too (fusion.WHOLE_MLP_NODE_COMPILED)."""
+    torch.compile too (fusion.WHOLE_MLP_NODE_COMPILED); "lorakit-qkv-alone" runs q_proj, k_proj and
+    v_proj one by one instead of as one node (fusion.SHARED_INPUT_NODE off), as before that node."""
     from lorakit import fusion
     from lorakit.ops import fused
 
@@ -87,7 +88,9 @@ def measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: bo
                 {k: getattr(tk, k) for k in kernels})
     fused.COMPILE_AS_CUSTOM_OPS = method == "lorakit-opaque"
     fused.SAVE_W_EFF = method == "lorakit-keep-weff"
-    whole_mlp, whole_mlp_compiled = fusion.WHOLE_MLP_NODE, fusion.WHOLE_MLP_NODE_COMPILED
+    whole_mlp, whole_mlp_compiled, shared_input = (fusion.WHOLE_MLP_NODE, fusion.WHOLE_MLP_NODE_COMPILED,
+                                                   fusion.SHARED_INPUT_NODE)
+    fusion.set_shared_input_node(shared_input and method != "lorakit-qkv-alone")
     fusion.set_whole_mlp_node(whole_mlp and method != "lorakit-three-nodes",
                               whole_mlp_compiled or method == "lorakit-one-node")
     if method == "lorakit-torch-gated":
@@ -108,6 +111,7 @@ def measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: bo
     finally:
         fused.COMPILE_AS_CUSTOM_OPS, fused.SAVE_W_EFF, fused._gated_kernels = defaults[:3]
         fusion.set_whole_mlp_node(whole_mlp, whole_mlp_compiled)
+        fusion.set_shared_input_node(shared_input)
         for k, fn in defaults[3].items():
             setattr(tk, k, fn)
 

@@ -285,6 +285,88 @@ def test_llama_mlp_runs_as_one_node_unless_turned_off_or_only_down_is_adapted():
     assert type(down_only.model.layers[0].mlp(x).grad_fn).__name__ == "GatedDownFunctionBackward"
 
 
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_qkv_run_as_one_node_matching_one_by_one(p):
+    """q_proj, k_proj and v_proj of an attention as one node: the same loss and gradients (float64)
+    as the three layers run alone, the same seeds drawn in the same order."""
+    from lorakit import fusion
+
+    def run(model):
+        torch.manual_seed(0)
+        ids = input_ids()
+        loss = model(input_ids=ids, labels=ids).loss
+        return loss, torch.autograd.grad(loss, [q for q in model.parameters() if q.requires_grad])
+
+    config = lorakit.LoraConfig(r=4, target_modules=LLAMA_TARGETS, lora_dropout=p, init_lora_weights=False)
+    model = lorakit.inject(tiny_llama_causal().double(), config).train()
+    calls = []
+    real = ops.fused_shared_input
+    ops.fused_shared_input = lambda *args: calls.append(1) or real(*args)
+    try:
+        loss, grads = run(model)
+    finally:
+        ops.fused_shared_input = real
+    assert len(calls) == 2  # one node an attention, two attentions
+    assert all(m.__dict__["_shared_input"][0].pending is None for m in model.modules() if "_shared_input" in m.__dict__)
+    fusion.set_shared_input_node(False)
+    try:
+        loss1, grads1 = run(model)
+    finally:
+        fusion.set_shared_input_node(True)
+    assert rel(loss, loss1) < 1e-12 and all(rel(a, b) < 1e-10 for a, b in zip(grads, grads1))
+
+
+class _Attention(nn.Module):
+    """q/k/v called in a given order on given inputs (self- or cross-attention)."""
+
+    def __init__(self, order="qkv", cross=False):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(8, 8), nn.Linear(8, 4), nn.Linear(8, 4)
+        self.order, self.cross = order, cross
+
+    def forward(self, x, memory=None):
+        src = {"q": x, "k": memory if self.cross else x, "v": memory if self.cross else x}
+        outs = {c: getattr(self, f"{c}_proj")(src[c]) for c in self.order}
+        return outs["q"].sum() + outs["k"].sum() * 2 + outs["v"].square().sum()
+
+
+@pytest.mark.parametrize("order,cross", [("qkv", True), ("kqv", False), ("qvk", False)])
+def test_qkv_called_otherwise_run_one_by_one_and_stay_right(order, cross, caplog, monkeypatch):
+    """Cross-attention, or q/k/v in another order: the results stay those of the layers run alone,
+    the group turns itself off at its first miss and says so once in the log."""
+    monkeypatch.setattr(ops, "_logged", set())  # the log line is said once a process
+    torch.manual_seed(0)
+    model = lorakit.inject(_Attention(order, cross), lorakit.LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj"],
+                                                                         init_lora_weights=False)).train()
+    group = model.q_proj._shared_input[0]
+    x, memory = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    params = [q for q in model.parameters() if q.requires_grad]
+    with caplog.at_level(logging.INFO, logger="lorakit"):
+        got = [torch.autograd.grad(model(x, memory), params) for _ in range(3)]
+    ops.set_fast_path(False)
+    try:
+        want = torch.autograd.grad(model(x, memory), params)
+    finally:
+        ops.set_fast_path(True)
+    for grads in got:
+        assert all(rel(a, b) < 1e-5 for a, b in zip(grads, want))
+    assert group.off and group.pending is None
+    assert sum("not called in turn" in r.message for r in caplog.records) == 1
+
+
+def test_qkv_node_not_reused_after_the_input_changes_in_place():
+    """k_proj called on q_proj's input after an in-place change to it computes afresh."""
+    torch.manual_seed(0)
+    model = lorakit.inject(_Attention(), lorakit.LoraConfig(r=2, target_modules=["q_proj", "k_proj", "v_proj"],
+                                                            init_lora_weights=False)).train()
+    x = torch.randn(2, 3, 8)
+    model.q_proj(x)
+    x.mul_(2)
+    with torch.no_grad():
+        want = model.k_proj.base_layer(x) + model.k_proj.delta_weight("default").matmul(x.unsqueeze(-1)).squeeze(-1)
+    assert rel(model.k_proj(x), want) < 1e-5
+
+
 @pytest.mark.parametrize("part", ["gate_proj", "up_proj", "down_proj"])
 def test_a_hook_on_a_projection_of_a_fused_mlp_runs(part):
     model = lorakit.inject(tiny_llama_causal(), lorakit.LoraConfig(r=4, target_modules=LLAMA_TARGETS))

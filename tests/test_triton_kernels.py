@@ -102,6 +102,27 @@ def test_masked_kernels_use_one_mask(dtype, T, n_in, r):
     assert rel(dx2, want) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,n_in,ranks", [(70, 45, (5, 3)), (130, 200, (16, 16, 8)), (40, 64, (64, 16, 1))])
+def test_masked_backward_siblings_is_one_pass_a_layer(dtype, T, n_in, ranks):
+    """Two or three layers reading one x, each with its own mask, rank, scale and p: the shared pass
+    gives dx plus every layer's share, and each dA, as `masked_backward_` one layer at a time does."""
+    x, dx = rand(T, n_in, dtype=dtype), rand(T, n_in, dtype=dtype, seed=1)
+    terms = [(rand(T, r, dtype=dtype, seed=10 + i), rand(r, n_in, dtype=dtype, seed=20 + i), 0.5 + i,
+              (0.1, 0.3, 0.5)[i], 100 + i) for i, r in enumerate(ranks)]
+    want_dx, want_da = dx.float().clone(), []
+    for dyb, a, s, p, seed in terms:
+        keep = tk.dropout_keep_mask((T, n_in), p, seed, DEVICE)
+        want_dx += s * torch.where(keep, dyb.float() @ a.float() / (1 - p), 0.0)
+        want_da.append(s * dyb.float().T @ torch.where(keep, x.float() / (1 - p), 0.0))
+    got_da = tk.masked_backward_siblings_(dx, x, terms)
+    assert rel(dx, want_dx) < TOL[dtype]
+    for got, want in zip(got_da, want_da):
+        assert got.dtype == torch.float32 and rel(got, want) < TOL[dtype]
+    with pytest.raises(ValueError, match="2 or 3 layers"):
+        tk.masked_backward_siblings_(dx, x, terms[:1])
+
+
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_fused_function_with_kernels_matches_reference(p):
     fused.use_kernels_on_cpu(True)
@@ -283,10 +304,13 @@ def test_gated_down_with_kernels_matches_reference(act, p, trainable_w, monkeypa
 @pytest.mark.parametrize("p", [0.0, 0.25])
 def test_whole_gated_mlp_node_with_kernels_matches_reference(p, monkeypatch):
     """gate, up and down as one node on the kernel route, against per-layer reference arithmetic;
-    with dropout, gate's and up's expands go through the activation kernel (`gated_act_lora_`)."""
-    folds = []
+    with dropout, gate's and up's expands go through the activation kernel (`gated_act_lora_`) and
+    their backward dropout terms through one shared pass (`masked_backward_siblings_`)."""
+    folds, shared = [], []
     real = tk.gated_act_lora_
     monkeypatch.setattr(tk, "gated_act_lora_", lambda *args: folds.append(1) or real(*args))
+    real_shared = tk.masked_backward_siblings_
+    monkeypatch.setattr(tk, "masked_backward_siblings_", lambda *args: shared.append(1) or real_shared(*args))
     fused.use_kernels_on_cpu(True)
     try:
         x = rand(3, 7, 40, seed=4).requires_grad_(True)
@@ -312,6 +336,39 @@ def test_whole_gated_mlp_node_with_kernels_matches_reference(p, monkeypatch):
         for got, want in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(yr, leaves, dy)):
             assert rel(got, want) < 1e-5
         assert len(folds) == (1 if p else 0)
+        assert len(shared) == (1 if p else 0)  # gate's and up's dropout terms in one pass over dx and x
+    finally:
+        fused.use_kernels_on_cpu(False)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_shared_input_node_with_kernels_matches_reference(p, monkeypatch):
+    """q, k and v as one node on the kernel route (biased, ranks and widths differing), against
+    per-layer reference arithmetic; with dropout the three layers' backward dropout terms come from
+    one shared pass."""
+    shared = []
+    real = tk.masked_backward_siblings_
+    monkeypatch.setattr(tk, "masked_backward_siblings_", lambda *args: shared.append(1) or real(*args))
+    fused.use_kernels_on_cpu(True)
+    try:
+        x = rand(3, 7, 40, seed=4).requires_grad_(True)
+        parts = [(rand(out, 40, seed=10 + i), rand(out, seed=20 + i), rand(r, 40, seed=30 + i).requires_grad_(True),
+                  rand(out, r, seed=40 + i).requires_grad_(True)) for i, (out, r) in enumerate([(40, 4), (16, 3), (16, 5)])]
+        scales, seeds = (0.5, 0.7, 0.9), (77, 78, 79)
+        ys = fused.shared_input_linears(x, parts, scales, (p, p, p), training=True, seeds=seeds)
+
+        def layer(part, s, seed):
+            w, bias, a, b = part
+            mask = tk.dropout_keep_mask((21, 40), p, seed, DEVICE).reshape(x.shape).float() / (1 - p) if p else 1.0
+            return torch.nn.functional.linear(x, w, bias) + ((x * mask) @ a.T @ b.T) * s
+
+        yrs = [layer(part, s, seed) for part, s, seed in zip(parts, scales, seeds)]
+        leaves = [x] + [t for part in parts for t in part[2:]]
+        dys = [torch.randn_like(y) for y in yrs]
+        assert all(rel(y, yr) < 1e-5 for y, yr in zip(ys, yrs))
+        for got, want in zip(torch.autograd.grad(ys, leaves, dys), torch.autograd.grad(yrs, leaves, dys)):
+            assert rel(got, want) < 1e-5
+        assert len(shared) == (1 if p else 0)
     finally:
         fused.use_kernels_on_cpu(False)
 

@@ -1,4 +1,5 @@
-"""Block-level fusion for training: gated MLPs store g and u, not down_proj's input.
+"""Block-level fusion for training: gated MLPs store g and u, not down_proj's input, and
+q/k/v run as one node.
 
 A gated MLP computes down(act(gate(x)) ⊙ up(x)). With LoRA on down_proj, a per-layer
 fused path must store down's input (tokens × the MLP width, the largest activation of
@@ -8,11 +9,20 @@ needs anyway — and recomputes act(g) ⊙ u in backward. Recognised MLPs: modul
 class name ends in "MLP" with gate_proj, up_proj, down_proj and an act_fn that is SiLU
 or GELU (Llama, Mistral, Qwen2/3, Gemma and their kin). Anything else keeps its own
 forward.
+
+LoRA layers named q_proj, k_proj and v_proj of one module read one input in every
+attention of that kind. The first of them, when called, computes all three as one
+autograd node (`ops.fused.SharedInputFunction`: one backward, dx accumulated in place, the
+dropout terms of all three from one pass over dx and x) and hands k_proj and v_proj their
+outputs when they are called next with that same input. A module that calls them in
+another order or on different inputs (cross-attention) is seen at its first call, told
+once in the log, and runs its layers one by one from then on.
 """
 
 from __future__ import annotations
 
 import types
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +51,18 @@ def set_whole_mlp_node(enabled: bool, compiled: bool | None = None) -> None:
     WHOLE_MLP_NODE = bool(enabled)
     if compiled is not None:
         WHOLE_MLP_NODE_COMPILED = bool(compiled)
+
+
+# q/k/v as one node (see the module docstring). LORAKIT_SHARED_INPUT_NODE=0 or
+# `set_shared_input_node(False)` turns it off; it is not used under torch.compile.
+SHARED_INPUT_NODE = env_flag("LORAKIT_SHARED_INPUT_NODE", default=True)
+_SIBLINGS = ("q_proj", "k_proj", "v_proj")
+
+
+def set_shared_input_node(enabled: bool) -> None:
+    """Run q_proj, k_proj and v_proj as one autograd node (see SHARED_INPUT_NODE)."""
+    global SHARED_INPUT_NODE
+    SHARED_INPUT_NODE = bool(enabled)
 
 
 def activation_kind(act: object) -> str | None:
@@ -101,6 +123,80 @@ def _fused_forward(self: nn.Module, x: Tensor) -> Tensor:
     return type(self).forward(self, x)
 
 
+class SharedInputGroup:
+    """The q/k/v LoRA layers of one module: the first one's call computes all three as one node and
+    holds the other two outputs for their calls with the same input (see the module docstring)."""
+
+    def __init__(self, parent: nn.Module, names: tuple[str, ...]) -> None:
+        self.parent = weakref.ref(parent)
+        self.names = names
+        self.pending: list | None = None  # [x, x's version, outputs (taken ones set to None), A/B versions]
+        self.off = False
+
+    def _layers(self, layer: LoraLinear, x: Tensor, name: str) -> list[LoraLinear] | None:
+        """The group's layers when they can run as one node for adapter `name` on x, else None."""
+        parent = self.parent()
+        if parent is None or self.off or not SHARED_INPUT_NODE or torch.compiler.is_compiling():
+            return None
+        layers = [parent._modules.get(n) for n in self.names]
+        if layers[0] is not layer:
+            return None
+        for m in layers:
+            if not (isinstance(m, LoraLinear) and m.route is None and not m.fan_in_fan_out and not _hooked(m)
+                    and m.unmerged_active() == [name] and m.training == layer.training
+                    and ops.fast_path_blocker(m.base_layer, x) is None and not m.base_layer.weight.requires_grad):
+                return None
+        return layers
+
+    def forward(self, index: int, layer: LoraLinear, x: Tensor, name: str) -> Tensor | None:
+        """The output of the group's layer `index` on x, or None where it must run alone."""
+        if index == 0:
+            if self.pending is not None:  # outputs from the last call still not taken: not called in turn
+                self._turn_off()
+            layers = self._layers(layer, x, name)
+            if layers is None:
+                return None
+            parts = [(m.base_layer.weight, m.base_layer.bias, m.A_table[name], m.B_table[name]) for m in layers]
+            outs = list(ops.fused_shared_input(x, parts, [m.scaling[name] for m in layers],
+                                               [m.lora_dropout[name] for m in layers], layer.training))
+            first, outs[0] = outs[0], None
+            self.pending = [x, x._version, outs, [(a._version, b._version) for _, _, a, b in parts]]
+            return first
+        pending = self.pending
+        if pending is None:
+            return None
+        x0, version, outs, versions = pending
+        a, b = layer.A_table[name], layer.B_table[name]
+        # In turn (k_proj, then v_proj), on the very input q_proj had, unchanged, with unchanged factors.
+        in_turn = outs[index] is not None and not any(o is not None for o in outs[1:index])
+        if in_turn and x0 is x and x._version == version and versions[index] == (a._version, b._version):
+            out, outs[index] = outs[index], None
+            if not any(o is not None for o in outs):
+                self.pending = None
+            return out
+        self._turn_off()  # called on another input than its first sibling: not one shared input here
+        return None
+
+    def _turn_off(self) -> None:
+        self.pending = None
+        self.off = True
+        ops.log_fallback_once(f"{'/'.join(self.names)} of a {type(self.parent()).__name__} are not called in turn on "
+                              "one input; they run one by one")
+
+
+def group_shared_inputs(model: nn.Module) -> int:
+    """Give the q_proj/k_proj/v_proj LoRA layers of each module one SharedInputGroup; returns how many."""
+    count = 0
+    for module in model.modules():
+        layers = [module._modules.get(n) for n in _SIBLINGS]
+        if all(isinstance(m, LoraLinear) for m in layers) and not any(m.__dict__.get("_shared_input") for m in layers):
+            group = SharedInputGroup(module, _SIBLINGS)
+            for i, m in enumerate(layers):
+                m._shared_input = (group, i)
+            count += 1
+    return count
+
+
 def fuse_gated_mlps(model: nn.Module) -> int:
     """Give every recognised gated MLP with a LoRA down_proj the fused forward; returns how many."""
     count = 0
@@ -113,8 +209,9 @@ def fuse_gated_mlps(model: nn.Module) -> int:
 
 
 def unfuse(model: nn.Module) -> None:
-    """Restore every MLP's own forward."""
+    """Restore every MLP's own forward and run q/k/v one by one."""
     for module in model.modules():
+        module.__dict__.pop("_shared_input", None)
         if getattr(module, _MARK, False):
             del module.forward
             delattr(module, _MARK)

@@ -21,7 +21,7 @@ from torch import nn
 
 from lorakit import ops
 from lorakit.config import COMMON_LAYER_CONTAINERS, LoraConfig
-from lorakit.fusion import fuse_gated_mlps, unfuse
+from lorakit.fusion import fuse_gated_mlps, group_shared_inputs, unfuse
 from lorakit.layers import SUPPORTED_TYPES, LoraLayer, ModulesToSave, is_conv1d, is_supported, wrap
 
 _STATE_ATTR = "_lorakit_state"
@@ -216,6 +216,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
     setattr(model, _STATE_ATTR, state)
     set_adapter(model, state.active or [adapter_name])
     fuse_gated_mlps(model)
+    group_shared_inputs(model)
     _guard_output_head(model)
     return model
 

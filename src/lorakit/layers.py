@@ -258,6 +258,11 @@ class LoraLinear(LoraLayer):
                     # Conv1D keeps its own GEMM, so a zero adapter leaves its output bit for bit
                     return ops.lora_linear_inference(x, weight, base.bias, lora_A, lora_B, self.scaling[name],
                                                      base if self.fan_in_fan_out else None)
+                shared = self.__dict__.get("_shared_input")  # q/k/v as one node (lorakit.fusion)
+                if shared is not None:
+                    y = shared[0].forward(shared[1], self, x, name)
+                    if y is not None:
+                        return y
                 return ops.fused_lora_linear(x, weight, base.bias, lora_A, lora_B, self.scaling[name],
                                              self.lora_dropout[name], self.training)
             if reason is not None and grad:

@@ -19,6 +19,7 @@ from lorakit.ops.fused import env_flag, lora_linear_inference
 from lorakit.ops.fused import gated_down as fused_gated_down
 from lorakit.ops.fused import gated_mlp as fused_gated_mlp
 from lorakit.ops.fused import lora_linear as fused_lora_linear
+from lorakit.ops.fused import shared_input_linears as fused_shared_input
 from lorakit.ops.reference import (
     embedding_delta,
     lora_branch,
@@ -36,6 +37,7 @@ __all__ = [
     "fused_gated_down",
     "fused_gated_mlp",
     "fused_lora_linear",
+    "fused_shared_input",
     "log_fallback_once",
     "lora_branch",
     "lora_conv2d_branch",

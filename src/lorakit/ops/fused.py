@@ -265,6 +265,42 @@ def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: T
     return dx, dweight, dbias, d_a, d_b, dyb
 
 
+def _siblings_backward(dys, x2: Tensor, layers, need_dx: bool) -> tuple[Tensor | None, list]:
+    """Backward of layers that read one input x2 (T, in), as one pass where it can be.
+
+    dys: each layer's dy (T, out), or None for an output that got no gradient. layers: per layer
+    (weight, A, B, h, s, p, seed, w_eff, keep, needs (bias, A, B), dtypes (A, B)) as `_backward`
+    takes them. dx = Σ dy·W (the GEMMs accumulate into one buffer in place) plus each layer's
+    LoRA share; where the kernels run, the dropout layers' shares and their dA come from one
+    pass over dx and x (`masked_backward_siblings_`) instead of one pass a layer. Returns (dx,
+    [(dbias, dA, dB) a layer]), None where not wanted.
+    """
+    dx, grads, masked = None, [], []
+    kernels = _kernels(x2)
+    for dy, (w, a, b, h, s, p, seed, w_eff, keep, (need_bias, need_a, need_b), (a_dt, b_dt)) in zip(dys, layers):
+        if dy is None:
+            grads.append((None, None, None))
+            continue
+        pass_later = bool(p) and kernels and need_dx  # its dropout terms go to the shared pass
+        dx_l, _, dbias, d_a, d_b, dyb = _backward(dy, x2, w, a, b, h, s, p, seed,
+                                                  (need_dx, False, need_bias, need_a and not pass_later, need_b),
+                                                  a_dt, b_dt, w_eff, dx_lora=not pass_later, keep=keep, dx_out=dx)
+        dx = dx_l if need_dx else None
+        if pass_later:
+            masked.append((len(grads), (dyb, as_dtype(a, x2.dtype), s, p, seed), need_a, a_dt))
+        grads.append([dbias, d_a, d_b])
+    for start in range(0, len(masked), 3):
+        chunk = masked[start:start + 3]
+        if len(chunk) == 1:
+            i, (dyb, a, s, p, seed), need_a, a_dt = chunk[0]
+            d_as = [tk.masked_backward_(dx, x2, dyb, a, s, p, seed)]
+        else:
+            d_as = tk.masked_backward_siblings_(dx, x2, [term for _, term, _, _ in chunk])
+        for (i, _, need_a, a_dt), d_a in zip(chunk, d_as):
+            grads[i][1] = as_dtype(d_a, a_dt) if need_a else None
+    return dx, [tuple(g) for g in grads]
+
+
 def _linear_node_forward(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                          scale: float, p: float, seed: Tensor | None, keep: Tensor | None = None
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
@@ -446,17 +482,61 @@ class GatedMLPFunction(torch.autograd.Function):
         dg, du, _, dbias_d, d_ad, d_bd = _gated_node_backward(
             dy2, g, u, ctx.act, wd, ad, bd, hd, sd, pd, seed_d, (True, True, False, has_bias[2] and n[11], n[12], n[13]),
             dt[4], dt[5], weff_d, keep_d)
-        x2 = _rows(x)
-        dx, _, dbias_g, d_ag, d_bg, _ = _backward(dg, x2, wg, ag, bg, hg, sg, pg, seed_g,
-                                                  (n[0], False, has_bias[0] and n[3], n[4], n[5]), dt[0], dt[1],
-                                                  weff_g, keep=keep_g)
-        dx, _, dbias_u, d_au, d_bu, _ = _backward(du, x2, wu, au, bu, hu, su, pu, seed_u,
-                                                  (n[0], False, has_bias[1] and n[7], n[8], n[9]), dt[2], dt[3],
-                                                  weff_u, keep=keep_u, dx_out=dx)
+        dx, ((dbias_g, d_ag, d_bg), (dbias_u, d_au, d_bu)) = _siblings_backward(
+            (dg, du), _rows(x),
+            ((wg, ag, bg, hg, sg, pg, seed_g, weff_g, keep_g, (has_bias[0] and n[3], n[4], n[5]), dt[0:2]),
+             (wu, au, bu, hu, su, pu, seed_u, weff_u, keep_u, (has_bias[1] and n[7], n[8], n[9]), dt[2:4])), n[0])
         if dx is not None:
             dx = as_dtype(_unrows(dx, x), x.dtype)
         return (dx, None, None, dbias_g, d_ag, d_bg, None, dbias_u, d_au, d_bu, None, dbias_d, d_ad, d_bd,
                 None, None, None)
+
+
+class SharedInputFunction(torch.autograd.Function):
+    """Two or three LoRA linears reading one input x (q, k and v) as one autograd node.
+
+    Forward is each layer's `_forward` on the one x; backward accumulates dx = Σ dy·W in one
+    buffer (the GEMMs add in place, where autograd would sum the layers' dx with add kernels)
+    and, with dropout on the kernel route, takes every layer's dropout terms and dA from one
+    pass over dx and x (`_siblings_backward`). Saved: x once, and per layer what
+    `LoraLinearFunction` saves. The tensor arguments are (weight, bias, A, B) of each layer in
+    turn; `scales`, `ps` and `seeds` hold one entry a layer.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scales: tuple[float, ...], ps: tuple[float, ...],
+                seeds: tuple[Tensor | None, ...], *parts: Tensor | None) -> tuple[Tensor, ...]:
+        x2 = _rows(x)  # (T, in)
+        n = len(scales)
+        ys, saved, keeps = [], [], []
+        for i in range(n):
+            w, bias, lora_A, lora_B = parts[4 * i:4 * i + 4]
+            keeps.append(_cpu_keep(x2, ps[i], seeds[i]))
+            y, h, a, b, w_eff = _forward(x2, w, bias, lora_A, lora_B, scales[i], ps[i], seeds[i], keeps[-1])
+            ys.append(_unrows(y, x))
+            saved += [w, a, b, h, w_eff if SAVE_W_EFF else None]
+        ctx.save_for_backward(x, *saved, *seeds, *keeps)
+        ctx.scales, ctx.ps, ctx.n = scales, ps, n
+        ctx.dtypes = tuple((parts[4 * i + 2].dtype, parts[4 * i + 3].dtype) for i in range(n))
+        ctx.biases = tuple(parts[4 * i + 1] is not None for i in range(n))
+        ctx.set_materialize_grads(False)  # an output nobody used gets None, and costs nothing
+        return tuple(ys)
+
+    @staticmethod
+    def backward(ctx, *dys: Tensor | None):
+        n = ctx.n
+        x, *rest = ctx.saved_tensors
+        saved, seeds, keeps = rest[:5 * n], rest[5 * n:6 * n], rest[6 * n:]
+        need = ctx.needs_input_grad  # x, scales, ps, seeds, then (weight, bias, A, B) a layer
+        layers = []
+        for i in range(n):
+            w, a, b, h, w_eff = saved[5 * i:5 * i + 5]
+            needs = (ctx.biases[i] and need[5 + 4 * i], need[6 + 4 * i], need[7 + 4 * i])
+            layers.append((w, a, b, h, ctx.scales[i], ctx.ps[i], seeds[i], w_eff, keeps[i], needs, ctx.dtypes[i]))
+        dx, grads = _siblings_backward([None if dy is None else _rows(dy) for dy in dys], _rows(x), layers, need[0])
+        if dx is not None:
+            dx = as_dtype(_unrows(dx, x), x.dtype)
+        return dx, None, None, None, *(g for dbias, d_a, d_b in grads for g in (None, dbias, d_a, d_b))
 
 
 # -- the same two nodes as opaque custom ops, for torch.compile ---------------------------
@@ -606,6 +686,17 @@ def gated_mlp(x: Tensor, act: str, parts, scales, dropouts, training: bool = Fal
     (wg, bg, ag, bbg), (wu, bu, au, bbu), (wd, bd, ad, bbd) = parts
     return GatedMLPFunction.apply(x, act, wg, bg, ag, bbg, wu, bu, au, bbu, wd, bd, ad, bbd,
                                   tuple(float(s) for s in scales), ps, seeds)
+
+
+def shared_input_linears(x: Tensor, parts, scales, dropouts, training: bool = False, seeds=None) -> tuple[Tensor, ...]:
+    """Two or three LoRA linears on one input x as one node (`SharedInputFunction`): their outputs.
+
+    parts: (weight, bias, A, B) a layer, frozen base weights; scales and dropouts one float a
+    layer; seeds (optional) one dropout seed a layer.
+    """
+    ps = tuple(float(p) if training else 0.0 for p in dropouts)
+    seeds = tuple(_seed(p, s, x.device) for p, s in zip(ps, seeds or (None,) * len(ps)))
+    return SharedInputFunction.apply(x, tuple(float(s) for s in scales), ps, seeds, *(t for part in parts for t in part))
 
 
 def lora_linear_inference(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,

@@ -601,6 +601,81 @@ if triton is not None:
         out = PART + split * r * n_in + rr[:, None] * n_in + rn[None, :]
         tl.store(out, acc * mult, mask=(rr[:, None] < r) & (rn[None, :] < n_in))
 
+    @triton.jit
+    def _masked_terms(DYB, r, SEED, p, a_t, x, rt, t_ok, c0, n_in, BT: tl.constexpr, BN: tl.constexpr,
+                      BR: tl.constexpr, IEEE: tl.constexpr):
+        # One layer's dropout terms on a (BT, BN) tile of its input x: (keep·(DYB·A), DYBᵀ·(keep·x)),
+        # both unscaled; DYB (T, r) contiguous, a_t the (BR, BN) tile of A.
+        rr = tl.arange(0, BR)
+        d = tl.load(DYB + rt[:, None] * r + rr[None, :], mask=t_ok[:, None] & (rr[None, :] < r), other=0.0)
+        keep = _keep(tl.load(SEED), rt, c0, n_in, p, BT, BN)
+        if IEEE:
+            prod = tl.dot(d, a_t, input_precision="ieee")
+        else:
+            prod = tl.dot(d, a_t)
+        xm = tl.where(keep, x, 0.0).to(x.dtype)
+        if IEEE:
+            grad = tl.dot(tl.trans(d), xm, input_precision="ieee")
+        else:
+            grad = tl.dot(tl.trans(d), xm)
+        return tl.where(keep, prod, 0.0), grad
+
+    @triton.jit
+    def _load_a_tile(A, r, rn, n_in, BR: tl.constexpr):
+        rr = tl.arange(0, BR)
+        return tl.load(A + rr[:, None] * n_in + rn[None, :], mask=(rr[:, None] < r) & (rn[None, :] < n_in), other=0.0)
+
+    @triton.jit
+    def _masked_backward_siblings_kernel(DX, X, T, n_in, rows_per_split, s_dx0, s_dx1, s_x0, s_x1,
+                                         DYB0, A0, PART0, SEED0, p0, mult0, r0,
+                                         DYB1, A1, PART1, SEED1, p1, mult1, r1,
+                                         DYB2, A2, PART2, SEED2, p2, mult2, r2,
+                                         N: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+                                         IEEE: tl.constexpr):
+        # `_masked_backward_kernel` for N = 2 or 3 layers reading one input x, each with its own
+        # mask: one read-modify-write of DX and one read of X for all of them.
+        #   DX[t, n] += Σ_l mult_l·keep_l(t, n)·(DYB_l·A_l)[t, n];
+        #   PART_l[split, :, n] = mult_l · Σ_{t in split} DYB_l[t, :]ᵀ · keep_l(t, n)·X[t, n]
+        # DYB_l (T, r_l) and A_l (r_l, in) contiguous.
+        pid_n = tl.program_id(0)
+        split = tl.program_id(1)
+        rn = pid_n * BN + tl.arange(0, BN)
+        c0 = pid_n * BN
+        a0 = _load_a_tile(A0, r0, rn, n_in, BR)
+        a1 = _load_a_tile(A1, r1, rn, n_in, BR)
+        acc0 = tl.zeros((BR, BN), dtype=tl.float32)
+        acc1 = tl.zeros((BR, BN), dtype=tl.float32)
+        if N == 3:
+            a2 = _load_a_tile(A2, r2, rn, n_in, BR)
+            acc2 = tl.zeros((BR, BN), dtype=tl.float32)
+        t_start = split * rows_per_split
+        for t0 in range(t_start, t_start + rows_per_split, BT):
+            rt = t0 + tl.arange(0, BT)
+            t_ok = rt < T
+            ok = t_ok[:, None] & (rn[None, :] < n_in)
+            x = tl.load(X + rt[:, None] * s_x0 + rn[None, :] * s_x1, mask=ok, other=0.0)
+            share, grad = _masked_terms(DYB0, r0, SEED0, p0, a0, x, rt, t_ok, c0, n_in, BT, BN, BR, IEEE)
+            delta = share * mult0
+            acc0 += grad
+            share, grad = _masked_terms(DYB1, r1, SEED1, p1, a1, x, rt, t_ok, c0, n_in, BT, BN, BR, IEEE)
+            delta += share * mult1
+            acc1 += grad
+            if N == 3:
+                share, grad = _masked_terms(DYB2, r2, SEED2, p2, a2, x, rt, t_ok, c0, n_in, BT, BN, BR, IEEE)
+                delta += share * mult2
+                acc2 += grad
+            ptr = DX + rt[:, None] * s_dx0 + rn[None, :] * s_dx1
+            dx = tl.load(ptr, mask=ok, other=0.0).to(tl.float32) + delta
+            tl.store(ptr, dx.to(DX.dtype.element_ty), mask=ok)
+        rr = tl.arange(0, BR)
+        tl.store(PART0 + split * r0 * n_in + rr[:, None] * n_in + rn[None, :], acc0 * mult0,
+                 mask=(rr[:, None] < r0) & (rn[None, :] < n_in))
+        tl.store(PART1 + split * r1 * n_in + rr[:, None] * n_in + rn[None, :], acc1 * mult1,
+                 mask=(rr[:, None] < r1) & (rn[None, :] < n_in))
+        if N == 3:
+            tl.store(PART2 + split * r2 * n_in + rr[:, None] * n_in + rn[None, :], acc2 * mult2,
+                     mask=(rr[:, None] < r2) & (rn[None, :] < n_in))
+
 
 def _row_splits(T: int, width: int, bt: int, bn: int, programs: int) -> tuple[int, int, int]:
     """(column blocks, row splits, rows per split) for kernels that reduce over rows: about
@@ -707,3 +782,33 @@ def masked_backward_(dx: Tensor, x2: Tensor, dyb: Tensor, lora_A: Tensor, scale:
         dx.stride(0), dx.stride(1), x2.stride(0), x2.stride(1), dyb.stride(0), dyb.stride(1), lora_A.stride(0),
         lora_A.stride(1), BT=cfg["BT"], BN=cfg["BN"], BR=_br(r), IEEE=_ieee(x2), num_warps=cfg["num_warps"])
     return part.sum(0) if splits > 1 else part[0]
+
+
+# The siblings' pass at two and at three layers (benchmarks/micro_lora_ops.py --siblings times the choices).
+MASKED_SIBLINGS_CONFIG = {2: {"BT": 32, "BN": 128, "num_warps": 4, "programs": 1024},
+                          3: {"BT": 32, "BN": 64, "num_warps": 4, "programs": 2048}}
+
+
+def masked_backward_siblings_(dx: Tensor, x2: Tensor, terms: list[tuple[Tensor, Tensor, float, float, Tensor]]
+                              ) -> list[Tensor]:
+    """`masked_backward_` for two or three layers that read one input x, in one pass over dx and x:
+    dx += Σ s·(dyB·A)⊙mask/(1-p) in place, and returns each layer's dA = s·dyBᵀ·(x⊙mask)/(1-p) in
+    float32. terms: (dyb (T, r), A (r, in) in x's dtype, s, p, seed) a layer, p > 0; the ranks may differ."""
+    T, n_in = x2.shape
+    n = len(terms)
+    if n not in (2, 3):
+        raise ValueError(f"masked_backward_siblings_ takes 2 or 3 layers, got {n}")
+    cfg = MASKED_SIBLINGS_CONFIG[n]
+    n_blocks, splits, rows = _row_splits(T, n_in, cfg["BT"], cfg["BN"], cfg["programs"])
+    args, parts = [], []
+    for dyb, lora_A, scale, p, seed in terms:
+        part = torch.empty(splits, lora_A.shape[0], n_in, dtype=torch.float32, device=x2.device)
+        parts.append(part)
+        args += [dyb.contiguous(), lora_A.contiguous(), part, seed_tensor(seed, x2.device), p, scale / (1.0 - p),
+                 lora_A.shape[0]]
+    args += args[:7] * (3 - n)  # the third slot, unread at n = 2
+    br = _br(max(t[1].shape[0] for t in terms))
+    _masked_backward_siblings_kernel[(n_blocks, splits)](
+        dx, x2, T, n_in, rows, dx.stride(0), dx.stride(1), x2.stride(0), x2.stride(1), *args, N=n, BT=cfg["BT"],
+        BN=cfg["BN"], BR=br, IEEE=_ieee(x2), num_warps=cfg["num_warps"])
+    return [part.sum(0) if splits > 1 else part[0] for part in parts[:n]]
