@@ -35,6 +35,10 @@
 #   bash benchmarks/gpu_check.sh 20 [OUT_DIR]  # the fused and gated GPU tests, the gated MLP's kernels (micro),
 #                                              # eager and graphed steps at dropout 0.1, r = 16 and 64, this
 #                                              # tree and an earlier one (<= 8.8 min)
+#   bash benchmarks/gpu_check.sh 21 [OUT_DIR]  # bf16 GPU tests but the compiled ones, the shared-input kernels
+#                                              # natively, their dropout backward (micro), eager and graphed steps
+#                                              # with the q/k/v node and without (<= 7.5 min)
+#   bash benchmarks/gpu_check.sh 22 [OUT_DIR]  # the compiled GPU tests (<= 5 min)
 #
 # Parts 14 to 17 and 20 compare with an earlier tree where .carry/before/ holds one (its src/ and
 # benchmarks/, e.g. `git archive d94617a src benchmarks | tar -x -C .carry/before`), run in
@@ -209,7 +213,16 @@ elif [ "$part" = 20 ]; then
             && step train-p01-before 120 python train_step.py --modes eager,graphed --methods floor,lorakit \
                 --ranks 16,64 --dropouts 0.1 --json "$out/train-p01-before.json")
     fi
+elif [ "$part" = 21 ]; then
+    step gpu-tests 200 bash -c "python -m pytest -q -p no:cacheprovider tests/test_gpu.py -k 'not compiled'; \
+        python -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py -k 'siblings or shared_input or whole_gated'"
+    cd benchmarks
+    step micro-siblings 60 python micro_lora_ops.py --siblings
+    step train-eager-graphed 180 python train_step.py --modes eager,graphed --methods floor,lorakit,lorakit-qkv-alone \
+        --dropouts 0,0.1 --json "$out/train-eager-graphed.json"
+elif [ "$part" = 22 ]; then
+    step gpu-tests-compiled 300 python -m pytest -q -p no:cacheprovider tests/test_gpu.py -k compiled
 else
-    echo "usage: bash benchmarks/gpu_check.sh 1|...|20 [OUT_DIR]" >&2
+    echo "usage: bash benchmarks/gpu_check.sh 1|...|22 [OUT_DIR]" >&2
     exit 2
 fi

@@ -86,6 +86,34 @@ def test_bf16_whole_gated_mlp_node_matches_reference(p):
         assert rel(got, want) < 1e-2
 
 
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_bf16_shared_input_node_matches_reference(p):
+    """q, k and v (biased, as Qwen2's) as one node: outputs and x, A, B gradients against a float32
+    oracle from the same bf16 inputs."""
+    T, hidden = 4096, 2048
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rnd = lambda *shape, s=0.02: torch.randn(*shape, device="cuda", generator=g) * s  # noqa: E731
+    x = rnd(T, hidden, s=1.0).bfloat16().requires_grad_(True)
+    parts = [(rnd(n_out, hidden).bfloat16(), rnd(n_out).bfloat16(), rnd(16, hidden).requires_grad_(True),
+              rnd(n_out, 16).requires_grad_(True)) for n_out in (hidden, 512, 512)]
+    seeds = (31, 32, 33)
+    ys = fused.shared_input_linears(x, parts, (2.0, 2.0, 2.0), (p, p, p), training=True, seeds=seeds)
+
+    def layer(part, seed):  # float32 oracle from the same bf16 inputs
+        w, bias, a, b = part
+        xf = x.float()
+        xd = torch.where(tk.dropout_keep_mask((T, hidden), p, seed, "cuda"), xf / (1 - p), 0.0) if p else xf
+        return xf @ w.float().T + bias.float() + (xd @ a.T @ b.T) * 2.0
+
+    yrs = [layer(part, seed) for part, seed in zip(parts, seeds)]
+    leaves = [x] + [t for part in parts for t in part[2:]]
+    dys = [torch.randn_like(yr) for yr in yrs]
+    assert all(rel(y, yr) < 1e-2 for y, yr in zip(ys, yrs))
+    got = torch.autograd.grad(ys, leaves, [dy.bfloat16() for dy in dys])
+    for g_, want in zip(got, torch.autograd.grad(yrs, leaves, dys)):
+        assert rel(g_, want) < 1e-2
+
+
 def test_training_curves_agree():
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
