@@ -12,7 +12,7 @@ pieces (dy·B)ᵀ·x and dyᵀ·h. Prints one row per shape.
     python benchmarks/micro_lora_ops.py --masked    # the dropout kernels' tile configurations
     python benchmarks/micro_lora_ops.py --w-eff     # the W + s·B·A kernel's tiles against a plain copy of W
     python benchmarks/micro_lora_ops.py --mask-cost # the dropout kernels with their hashed mask and with a cheap one
-    python benchmarks/micro_lora_ops.py --siblings  # layers reading one x: their dropout backward one by one or in one pass
+    python benchmarks/micro_lora_ops.py --siblings  # layers reading one x: their dropout backward and shrinks one by one or in one pass
     python benchmarks/micro_lora_ops.py --masked --rank 64   # any of them at another rank (default 16)
 """
 
@@ -278,8 +278,9 @@ def masked(T: int = 8192, r: int = 16) -> None:
 
 def siblings(T: int = 8192, r: int = 16) -> None:
     """The dropout backward (dx share and dA) of two layers (gate/up) and three (q/k/v) reading one
-    x (in = 2048): one `masked_backward_` a layer against one shared pass, at several tiles.
-    GB/s counts what the shared pass must move: dx read and written, x read once."""
+    x (in = 2048): one `masked_backward_` a layer against one shared pass, at several tiles
+    (GB/s counts what the shared pass must move: dx read and written, x read once); then their
+    masked shrinks, one a layer against one shared pass."""
     from lorakit.ops import triton_kernels as tk
 
     dev, dt, n_in = "cuda", torch.bfloat16, 2048
@@ -304,6 +305,22 @@ def siblings(T: int = 8192, r: int = 16) -> None:
     print(f"\n{'layers reading one x (T=' + str(T) + ', in=2048, p = 0.1)':<62} {'ms':>7} {'GB/s':>7}")
     for name, ms in rows:
         print(f"{name:<62} {ms:7.3f} {mb / ms:7.0f}")
+    # Forward: the masked shrinks, one a layer against one pass over x (GB/s: x read once).
+    shrink_terms = [(a, s, p, sd, None) for _, a, s, p, sd in terms]
+    rows = []
+    for n in (2, 3):
+        rows.append((f"{n} layers, one masked_shrink each", bench(
+            lambda: [tk.masked_shrink(x, a, p, sd, s) for a, s, p, sd, _ in shrink_terms[:n]])))
+        cfg = tk.MASKED_SHRINK_SIBLINGS_CONFIG[n]
+        default = dict(cfg)
+        for bt, bk, warps in [(32, 128, 4), (64, 128, 4), (16, 128, 4), (32, 64, 4), (64, 64, 8), (128, 64, 8)]:
+            cfg.update(BT=bt, BK=bk, num_warps=warps)
+            rows.append((f"{n} layers, shared shrink BT={bt} BK={bk} warps={warps}",
+                         bench(lambda: tk.masked_shrink_siblings(x, shrink_terms[:n]))))
+        cfg.update(default)
+    print(f"\n{'their shrinks (forward)':<62} {'ms':>7} {'GB/s':>7}")
+    for name, ms in rows:
+        print(f"{name:<62} {ms:7.3f} {T * n_in * 2 / 1e6 / ms:7.0f}")
 
 
 def _mask_kernel_rows(T: int, r: int) -> list[tuple[str, float]]:

@@ -123,6 +123,28 @@ def test_masked_backward_siblings_is_one_pass_a_layer(dtype, T, n_in, ranks):
         tk.masked_backward_siblings_(dx, x, terms[:1])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,n_in,ranks", [(70, 45, (5, 3)), (130, 200, (16, 16, 8)), (40, 64, (64, 16, 1))])
+def test_masked_shrink_siblings_is_one_pass_a_layer(dtype, T, n_in, ranks):
+    """Two or three layers reading one x, each with its own mask, rank, scale and p: one pass gives
+    each layer's h as `masked_shrink` does, and the rounded A copies asked for."""
+    x = rand(T, n_in, dtype=dtype)
+    a_s = [rand(r, n_in, seed=20 + i) for i, r in enumerate(ranks)]  # float32 adapters, rounded to x's dtype
+    outs = [torch.full((r, n_in), float("nan"), dtype=dtype, device=DEVICE) if i != 1 else None
+            for i, r in enumerate(ranks)]
+    terms = [(a, 0.5 + i, (0.1, 0.3, 0.5)[i], 100 + i, out) for i, (a, out) in enumerate(zip(a_s, outs))]
+    got = tk.masked_shrink_siblings(x, terms)
+    for (a, s, p, seed, out), h in zip(terms, got):
+        keep = tk.dropout_keep_mask((T, n_in), p, seed, DEVICE)
+        want = s * torch.where(keep, x.float() / (1 - p), 0.0) @ a.to(dtype).float().T
+        assert h.dtype == dtype and h.shape == (T, a.shape[0]) and rel(h, want) < TOL[dtype]
+        assert rel(h, tk.masked_shrink(x, a, p, seed, s)) < TOL[dtype]
+        if out is not None:
+            assert torch.equal(out, a.to(dtype))
+    with pytest.raises(ValueError, match="2 or 3 layers"):
+        tk.masked_shrink_siblings(x, terms[:1])
+
+
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_fused_function_with_kernels_matches_reference(p):
     fused.use_kernels_on_cpu(True)
@@ -311,6 +333,9 @@ def test_whole_gated_mlp_node_with_kernels_matches_reference(p, monkeypatch):
     monkeypatch.setattr(tk, "gated_act_lora_", lambda *args: folds.append(1) or real(*args))
     real_shared = tk.masked_backward_siblings_
     monkeypatch.setattr(tk, "masked_backward_siblings_", lambda *args: shared.append(1) or real_shared(*args))
+    shrinks = []
+    real_shrinks = tk.masked_shrink_siblings
+    monkeypatch.setattr(tk, "masked_shrink_siblings", lambda *args: shrinks.append(1) or real_shrinks(*args))
     fused.use_kernels_on_cpu(True)
     try:
         x = rand(3, 7, 40, seed=4).requires_grad_(True)
@@ -337,6 +362,7 @@ def test_whole_gated_mlp_node_with_kernels_matches_reference(p, monkeypatch):
             assert rel(got, want) < 1e-5
         assert len(folds) == (1 if p else 0)
         assert len(shared) == (1 if p else 0)  # gate's and up's dropout terms in one pass over dx and x
+        assert len(shrinks) == (1 if p else 0)  # and their shrinks in one pass over x
     finally:
         fused.use_kernels_on_cpu(False)
 
@@ -346,9 +372,11 @@ def test_shared_input_node_with_kernels_matches_reference(p, monkeypatch):
     """q, k and v as one node on the kernel route (biased, ranks and widths differing), against
     per-layer reference arithmetic; with dropout the three layers' backward dropout terms come from
     one shared pass."""
-    shared = []
+    shared, shrinks = [], []
     real = tk.masked_backward_siblings_
     monkeypatch.setattr(tk, "masked_backward_siblings_", lambda *args: shared.append(1) or real(*args))
+    real_shrinks = tk.masked_shrink_siblings
+    monkeypatch.setattr(tk, "masked_shrink_siblings", lambda *args: shrinks.append(1) or real_shrinks(*args))
     fused.use_kernels_on_cpu(True)
     try:
         x = rand(3, 7, 40, seed=4).requires_grad_(True)
@@ -368,7 +396,7 @@ def test_shared_input_node_with_kernels_matches_reference(p, monkeypatch):
         assert all(rel(y, yr) < 1e-5 for y, yr in zip(ys, yrs))
         for got, want in zip(torch.autograd.grad(ys, leaves, dys), torch.autograd.grad(yrs, leaves, dys)):
             assert rel(got, want) < 1e-5
-        assert len(shared) == (1 if p else 0)
+        assert len(shared) == len(shrinks) == (1 if p else 0)
     finally:
         fused.use_kernels_on_cpu(False)
 

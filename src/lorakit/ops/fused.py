@@ -163,8 +163,8 @@ def _scaled_mm(m1: Tensor, m2: Tensor, scale: float, dtype: torch.dtype | None =
 
 
 def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scale: float,
-             p: float, seed: Tensor | None, keep: Tensor | None = None, expand: bool = True
-             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+             p: float, seed: Tensor | None, keep: Tensor | None = None, expand: bool = True,
+             shrunk: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """(y, h, a, b, w_eff) for x2 (T, in): y = x·Wᵀ + b + h·Bᵀ with h = s·dropout(x)·Aᵀ (T, r).
 
     a and b are A and B in x's dtype; backward reuses them instead of casting again.
@@ -172,7 +172,8 @@ def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lo
     kernels do not run, is the seed's mask made already (`_keep_mask`). `expand=False`, on
     the kernels' dropout route only, leaves h·Bᵀ out of y for the caller to add (the gated
     MLP folds it into its activation kernel); b is then lora_B itself or a buffer of its
-    shape in x's dtype that the caller must fill with B rounded to that dtype.
+    shape in x's dtype that the caller must fill with B rounded to that dtype. `shrunk`, on the
+    kernels' dropout route only, is (h, a) made already (`_siblings_forward`'s shared shrink).
     """
     ct = x2.dtype
     n_out, n_in = weight.shape
@@ -190,9 +191,12 @@ def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lo
     if kernels:
         # The kernels read A and B in their own dtype and write the copies rounded to ct that
         # backward uses: no cast launches.
-        a = lora_A if lora_A.dtype == ct else torch.empty(lora_A.shape, dtype=ct, device=x2.device)
-        b = lora_B if lora_B.dtype == ct else torch.empty(lora_B.shape, dtype=ct, device=x2.device)
-        h = tk.masked_shrink(x2, lora_A, p, seed, scale, None if a is lora_A else a)  # (T, r), mask made in-kernel
+        b = _cast_buffer(lora_B, ct)
+        if shrunk is None:
+            a = _cast_buffer(lora_A, ct)
+            h = tk.masked_shrink(x2, lora_A, p, seed, scale, None if a is lora_A else a)  # (T, r), mask made in-kernel
+        else:
+            h, a = shrunk
         if not expand:
             return y, h, a, b, None
         # The expand in place, in a Triton kernel: faster than cuBLAS's addmm_ here, and under the
@@ -263,6 +267,27 @@ def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: T
     if need_bias:
         dbias = as_dtype(dy2.sum(0), weight.dtype)
     return dx, dweight, dbias, d_a, d_b, dyb
+
+
+def _cast_buffer(t: Tensor, ct: torch.dtype) -> Tensor:
+    """t itself if it is in ct, else an empty buffer of its shape in ct for a kernel to write t's rounded copy into."""
+    return t if t.dtype == ct else torch.empty(t.shape, dtype=ct, device=t.device)
+
+
+def _siblings_forward(x2: Tensor, layers, expand: bool = True) -> list[tuple]:
+    """`_forward` of layers that read one input x2 (T, in): layers (weight, bias, A, B, s, p, seed,
+    keep) a layer. Where the kernels run and two or three of them have dropout, their masked
+    shrinks are one pass over x (`masked_shrink_siblings`) instead of one a layer."""
+    shrunk = [None] * len(layers)
+    masked = [i for i, layer in enumerate(layers) if layer[5]]
+    if len(masked) in (2, 3) and _kernels(x2):
+        bufs = [_cast_buffer(layers[i][2], x2.dtype) for i in masked]
+        hs = tk.masked_shrink_siblings(x2, [(layers[i][2], layers[i][4], layers[i][5], layers[i][6],
+                                            None if buf is layers[i][2] else buf) for i, buf in zip(masked, bufs)])
+        for i, h, buf in zip(masked, hs, bufs):
+            shrunk[i] = (h, buf)
+    return [_forward(x2, w, bias, a, b, s, p, seed, keep, expand=expand, shrunk=pre)
+            for (w, bias, a, b, s, p, seed, keep), pre in zip(layers, shrunk)]
 
 
 def _siblings_backward(dys, x2: Tensor, layers, need_dx: bool) -> tuple[Tensor | None, list]:
@@ -451,11 +476,10 @@ class GatedMLPFunction(torch.autograd.Function):
         # With dropout on gate and up and the kernels running, their expands h·Bᵀ are added in
         # the activation kernel (`gated_act_lora_`) rather than by two passes over g and u.
         fold = bool(ps[0] and ps[1]) and _kernels(x2) and act in tk.GATED_KERNEL_ACTS and wg.shape[0] == wu.shape[0]
-        keeps, outs = [], []
-        for (w, b, a, bb), s, p, seed in zip(((wg, bg, ag, bbg), (wu, bu, au, bbu)), scales, ps, seeds):
-            keeps.append(_cpu_keep(x2, p, seed))
-            outs.append(_forward(x2, w, b, a, bb, s, p, seed, keeps[-1], expand=not fold))  # (g or u, h, a, b, w_eff)
-        (g, hg, ag_c, bg_c, weff_g), (u, hu, au_c, bu_c, weff_u) = outs
+        keeps = [_cpu_keep(x2, p, seed) for p, seed in zip(ps[:2], seeds[:2])]
+        (g, hg, ag_c, bg_c, weff_g), (u, hu, au_c, bu_c, weff_u) = _siblings_forward(  # (g or u, h, a, b, w_eff)
+            x2, [(w, b, a, bb, s, p, seed, keep) for (w, b, a, bb), s, p, seed, keep in
+                 zip(((wg, bg, ag, bbg), (wu, bu, au, bbu)), scales, ps, seeds, keeps)], expand=not fold)
         keeps.append(_cpu_keep(g, ps[2], seeds[2]))
         if fold:
             z = tk.gated_act_lora_(g, u, hg, bbg, hu, bbu, act, None if bg_c is bbg else bg_c,
@@ -508,13 +532,12 @@ class SharedInputFunction(torch.autograd.Function):
                 seeds: tuple[Tensor | None, ...], *parts: Tensor | None) -> tuple[Tensor, ...]:
         x2 = _rows(x)  # (T, in)
         n = len(scales)
-        ys, saved, keeps = [], [], []
-        for i in range(n):
-            w, bias, lora_A, lora_B = parts[4 * i:4 * i + 4]
-            keeps.append(_cpu_keep(x2, ps[i], seeds[i]))
-            y, h, a, b, w_eff = _forward(x2, w, bias, lora_A, lora_B, scales[i], ps[i], seeds[i], keeps[-1])
+        keeps = [_cpu_keep(x2, ps[i], seeds[i]) for i in range(n)]
+        outs = _siblings_forward(x2, [(*parts[4 * i:4 * i + 4], scales[i], ps[i], seeds[i], keeps[i]) for i in range(n)])
+        ys, saved = [], []
+        for i, (y, h, a, b, w_eff) in enumerate(outs):
             ys.append(_unrows(y, x))
-            saved += [w, a, b, h, w_eff if SAVE_W_EFF else None]
+            saved += [parts[4 * i], a, b, h, w_eff if SAVE_W_EFF else None]
         ctx.save_for_backward(x, *saved, *seeds, *keeps)
         ctx.scales, ctx.ps, ctx.n = scales, ps, n
         ctx.dtypes = tuple((parts[4 * i + 2].dtype, parts[4 * i + 3].dtype) for i in range(n))

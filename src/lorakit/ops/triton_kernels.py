@@ -259,6 +259,56 @@ if triton is not None:
                  mask=(rt[:, None] < T) & (rr[None, :] < r))
 
     @triton.jit
+    def _shrink_term(acc, x, A, A_OUT, rr, rk, rt, k0, n_in, r, SEED, p, BT: tl.constexpr, BK: tl.constexpr,
+                     IEEE: tl.constexpr, WRITE_A: tl.constexpr):
+        # One layer's share of a k-tile in `_masked_shrink_siblings_kernel`: acc += keep·x · Aᵀ.
+        keep = _keep(tl.load(SEED), rt, k0, n_in, p, BT, BK)
+        xm = tl.where(keep, x, 0.0).to(x.dtype)
+        a_ok = (rr[None, :] < r) & (rk[:, None] < n_in)
+        a = tl.load(A + rr[None, :] * n_in + rk[:, None], mask=a_ok, other=0.0).to(x.dtype)  # (BK, BR) = Aᵀ tile
+        if WRITE_A:
+            if tl.program_id(0) == 0:
+                tl.store(A_OUT + rr[None, :] * n_in + rk[:, None], a, mask=a_ok)
+        if IEEE:
+            acc += tl.dot(xm, a, input_precision="ieee")
+        else:
+            acc += tl.dot(xm, a)
+        return acc
+
+    @triton.jit
+    def _masked_shrink_siblings_kernel(X, T, n_in, s_x0, s_x1,
+                                       A0, A_OUT0, H0, SEED0, p0, mult0, r0,
+                                       A1, A_OUT1, H1, SEED1, p1, mult1, r1,
+                                       A2, A_OUT2, H2, SEED2, p2, mult2, r2,
+                                       N: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+                                       IEEE: tl.constexpr, WRITE_A0: tl.constexpr, WRITE_A1: tl.constexpr,
+                                       WRITE_A2: tl.constexpr):
+        # `_masked_shrink_kernel` for N = 2 or 3 layers reading one input x, each with its own mask:
+        # H_l[t, :] = mult_l · Σ_i keep_l(t, i)·X[t, i]·A_l[:, i], one read of X for all of them.
+        # A_l (r_l, in) contiguous; H_l (T, r_l) contiguous.
+        rt = tl.program_id(0) * BT + tl.arange(0, BT)
+        rr = tl.arange(0, BR)
+        acc0 = tl.zeros((BT, BR), dtype=tl.float32)
+        acc1 = tl.zeros((BT, BR), dtype=tl.float32)
+        acc2 = tl.zeros((BT, BR), dtype=tl.float32)
+        for k0 in range(0, n_in, BK):
+            rk = k0 + tl.arange(0, BK)
+            ok = (rt[:, None] < T) & (rk[None, :] < n_in)
+            x = tl.load(X + rt[:, None] * s_x0 + rk[None, :] * s_x1, mask=ok, other=0.0)
+            acc0 = _shrink_term(acc0, x, A0, A_OUT0, rr, rk, rt, k0, n_in, r0, SEED0, p0, BT, BK, IEEE, WRITE_A0)
+            acc1 = _shrink_term(acc1, x, A1, A_OUT1, rr, rk, rt, k0, n_in, r1, SEED1, p1, BT, BK, IEEE, WRITE_A1)
+            if N == 3:
+                acc2 = _shrink_term(acc2, x, A2, A_OUT2, rr, rk, rt, k0, n_in, r2, SEED2, p2, BT, BK, IEEE, WRITE_A2)
+        t_ok = rt[:, None] < T
+        tl.store(H0 + rt[:, None] * r0 + rr[None, :], (acc0 * mult0).to(H0.dtype.element_ty),
+                 mask=t_ok & (rr[None, :] < r0))
+        tl.store(H1 + rt[:, None] * r1 + rr[None, :], (acc1 * mult1).to(H1.dtype.element_ty),
+                 mask=t_ok & (rr[None, :] < r1))
+        if N == 3:
+            tl.store(H2 + rt[:, None] * r2 + rr[None, :], (acc2 * mult2).to(H2.dtype.element_ty),
+                     mask=t_ok & (rr[None, :] < r2))
+
+    @triton.jit
     def _masked_grad_a_kernel(DYB, X, PART, T, n_in, r, SEED, p, mult, rows_per_split,
                               s_d0, s_d1, s_x0, s_x1,
                               BT: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr):
@@ -428,6 +478,37 @@ def masked_shrink(x2: Tensor, lora_A: Tensor, p: float, seed: int | Tensor, scal
         scale / (1.0 - p), x2.stride(0), x2.stride(1), lora_A.stride(0), lora_A.stride(1), h.stride(0), h.stride(1),
         BR=_br(r), IEEE=_ieee(x2), WRITE_A=a_out is not None, **cfg)
     return h
+
+
+# The siblings' shrink at two and at three layers (benchmarks/micro_lora_ops.py --siblings times the choices).
+MASKED_SHRINK_SIBLINGS_CONFIG = {2: {"BT": 32, "BK": 128, "num_warps": 4}, 3: {"BT": 32, "BK": 128, "num_warps": 4}}
+
+
+def masked_shrink_siblings(x2: Tensor, terms: list[tuple[Tensor, float, float, Tensor, Tensor | None]]
+                           ) -> list[Tensor]:
+    """`masked_shrink` for two or three layers that read one input x, in one pass over x: each
+    layer's h = s·dropout(x)·Aᵀ with its own mask. terms: (A (r, in) in any dtype, s, p > 0, seed,
+    a_out) a layer, a_out as `masked_shrink` takes it; the ranks may differ. Returns the h's (T, r)."""
+    T, n_in = x2.shape
+    n = len(terms)
+    if n not in (2, 3):
+        raise ValueError(f"masked_shrink_siblings takes 2 or 3 layers, got {n}")
+    cfg = MASKED_SHRINK_SIBLINGS_CONFIG[n]
+    args, hs, writes = [], [], []
+    for lora_A, scale, p, seed, a_out in terms:
+        lora_A = lora_A.contiguous()
+        h = torch.empty(T, lora_A.shape[0], dtype=x2.dtype, device=x2.device)
+        hs.append(h)
+        writes.append(a_out is not None)
+        args += [lora_A, h if a_out is None else a_out, h, seed_tensor(seed, x2.device), p, scale / (1.0 - p),
+                 lora_A.shape[0]]
+    args += args[:7] * (3 - n)  # the third slot, unread at n = 2
+    writes += [False] * (3 - n)
+    br = _br(max(t[0].shape[0] for t in terms))
+    _masked_shrink_siblings_kernel[(cdiv(T, cfg["BT"]),)](
+        x2, T, n_in, x2.stride(0), x2.stride(1), *args, N=n, BT=cfg["BT"], BK=cfg["BK"], BR=br, IEEE=_ieee(x2),
+        WRITE_A0=writes[0], WRITE_A1=writes[1], WRITE_A2=writes[2], num_warps=cfg["num_warps"])
+    return hs
 
 
 def masked_grad_a(dyb: Tensor, x2: Tensor, p: float, seed: int | Tensor, scale: float = 1.0) -> Tensor:
