@@ -36,8 +36,9 @@
 #                                              # eager and graphed steps at dropout 0.1, r = 16 and 64, this
 #                                              # tree and an earlier one (<= 8.8 min)
 #   bash benchmarks/gpu_check.sh 21 [OUT_DIR]  # bf16 GPU tests but the compiled ones, the shared-input kernels
-#                                              # natively, their dropout backward (micro), eager and graphed steps
-#                                              # with the q/k/v node and without (<= 7.5 min)
+#                                              # natively, the compiled test of the one-node MLP, the shared
+#                                              # shrinks and dropout backward (micro), eager and graphed steps
+#                                              # with the q/k/v node and without (<= 9.4 min)
 #   bash benchmarks/gpu_check.sh 22 [OUT_DIR]  # the compiled GPU tests (<= 5 min)
 #
 # Parts 14 to 17 and 20 compare with an earlier tree where .carry/before/ holds one (its src/ and
@@ -217,6 +218,8 @@ elif [ "$part" = 21 ]; then
     step gpu-tests 200 bash -c "python -m pytest -q -p no:cacheprovider tests/test_gpu.py -k 'not compiled'; \
         python -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py -k 'siblings or shared_input or whole_gated'"
     cd benchmarks
+    step gpu-tests-compiled-one-node 120 python -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+        -k "compiled_matches_eager and node"
     step micro-siblings 60 python micro_lora_ops.py --siblings
     step train-eager-graphed 180 python train_step.py --modes eager,graphed --methods floor,lorakit,lorakit-qkv-alone \
         --dropouts 0,0.1 --json "$out/train-eager-graphed.json"
