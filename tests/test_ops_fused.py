@@ -286,27 +286,36 @@ def test_llama_mlp_runs_as_one_node_unless_turned_off_or_only_down_is_adapted():
 
 
 @pytest.mark.parametrize("p", [0.0, 0.1])
-def test_qkv_run_as_one_node_matching_one_by_one(p):
-    """q_proj, k_proj and v_proj of an attention as one node: the same loss and gradients (float64)
-    as the three layers run alone, the same seeds drawn in the same order."""
+@pytest.mark.parametrize("kind", ["llama", "llama-q-v", "bert"])
+def test_qkv_run_as_one_node_matching_one_by_one(p, kind):
+    """q_proj, k_proj and v_proj of an attention (BERT: query, key, value; or only the two of them
+    that carry an adapter) as one node: the same loss and gradients (float64) as the layers run
+    alone, the same seeds drawn in the same order."""
     from lorakit import fusion
+
+    if kind == "bert":
+        model, targets = tiny_bert_seq_cls().double(), ["query", "key", "value", "dense"]
+        batch = {"input_ids": input_ids(vocab=100), "labels": torch.tensor([0, 2])}
+    else:
+        model = tiny_llama_causal().double()
+        targets = LLAMA_TARGETS if kind == "llama" else ["q_proj", "v_proj", "o_proj"]
+        batch = {"input_ids": input_ids(), "labels": input_ids()}
 
     def run(model):
         torch.manual_seed(0)
-        ids = input_ids()
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(**batch).loss
         return loss, torch.autograd.grad(loss, [q for q in model.parameters() if q.requires_grad])
 
-    config = lorakit.LoraConfig(r=4, target_modules=LLAMA_TARGETS, lora_dropout=p, init_lora_weights=False)
-    model = lorakit.inject(tiny_llama_causal().double(), config).train()
+    config = lorakit.LoraConfig(r=4, target_modules=targets, lora_dropout=p, init_lora_weights=False)
+    model = lorakit.inject(model, config).train()
     calls = []
     real = ops.fused_shared_input
-    ops.fused_shared_input = lambda *args: calls.append(1) or real(*args)
+    ops.fused_shared_input = lambda *args: calls.append(len(args[1])) or real(*args)
     try:
         loss, grads = run(model)
     finally:
         ops.fused_shared_input = real
-    assert len(calls) == 2  # one node an attention, two attentions
+    assert calls == [2 if kind == "llama-q-v" else 3] * 2  # one node an attention, two attentions
     assert all(m.__dict__["_shared_input"][0].pending is None for m in model.modules() if "_shared_input" in m.__dict__)
     fusion.set_shared_input_node(False)
     try:

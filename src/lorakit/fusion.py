@@ -10,11 +10,12 @@ class name ends in "MLP" with gate_proj, up_proj, down_proj and an act_fn that i
 or GELU (Llama, Mistral, Qwen2/3, Gemma and their kin). Anything else keeps its own
 forward.
 
-LoRA layers named q_proj, k_proj and v_proj of one module read one input in every
-attention of that kind. The first of them, when called, computes all three as one
-autograd node (`ops.fused.SharedInputFunction`: one backward, dx accumulated in place, the
-dropout terms of all three from one pass over dx and x) and hands k_proj and v_proj their
-outputs when they are called next with that same input. A module that calls them in
+LoRA layers named q_proj, k_proj and v_proj of one module (BERT: query, key and value) read
+one input in every attention of that kind. The first of them, when called, computes all three
+(or the two that carry an adapter) as one autograd node (`ops.fused.SharedInputFunction`: one
+backward, dx accumulated in place, with dropout the masked shrinks of all of them from one
+pass over x and their backward dropout terms from one pass over dx and x) and hands the others
+their outputs when they are called next with that same input. A module that calls them in
 another order or on different inputs (cross-attention) is seen at its first call, told
 once in the log, and runs its layers one by one from then on.
 """
@@ -59,7 +60,7 @@ def set_whole_mlp_node(enabled: bool, compiled: bool | None = None) -> None:
 # q/k/v as one node (see the module docstring). LORAKIT_SHARED_INPUT_NODE=0 or
 # `set_shared_input_node(False)` turns it off; it is not used under torch.compile.
 SHARED_INPUT_NODE = env_flag("LORAKIT_SHARED_INPUT_NODE", default=True)
-_SIBLINGS = ("q_proj", "k_proj", "v_proj")
+_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))  # Llama and its kin; BERT
 
 
 def set_shared_input_node(enabled: bool) -> None:
@@ -190,15 +191,18 @@ class SharedInputGroup:
 
 
 def group_shared_inputs(model: nn.Module) -> int:
-    """Give the q_proj/k_proj/v_proj LoRA layers of each module one SharedInputGroup; returns how many."""
+    """Give the q/k/v LoRA layers of each module (q_proj, k_proj, v_proj or BERT's query, key, value;
+    two of them where the third carries no adapter) one SharedInputGroup; returns how many."""
     count = 0
     for module in model.modules():
-        layers = [module._modules.get(n) for n in _SIBLINGS]
-        if all(isinstance(m, LoraLinear) for m in layers) and not any(m.__dict__.get("_shared_input") for m in layers):
-            group = SharedInputGroup(module, _SIBLINGS)
-            for i, m in enumerate(layers):
-                m._shared_input = (group, i)
-            count += 1
+        for names in _SIBLINGS:
+            names = tuple(n for n in names if isinstance(module._modules.get(n), LoraLinear))
+            layers = [module._modules[n] for n in names]
+            if len(layers) >= 2 and not any(m.__dict__.get("_shared_input") for m in layers):
+                group = SharedInputGroup(module, names)
+                for i, m in enumerate(layers):
+                    m._shared_input = (group, i)
+                count += 1
     return count
 
 
