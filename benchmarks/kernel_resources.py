@@ -95,6 +95,24 @@ def cases(sweep: bool):
     for bt, bn, w in tiles:
         yield f"masked backward BT={bt} BN={bn} warps={w}", tk._masked_backward_kernel, backward, \
             dict(BT=bt, BN=bn, BR=R, IEEE=False), w
+    for n in (2, 3):  # the layers reading one x (gate/up; q/k/v): shrinks and backward in one pass each
+        layers, outs, grads = {}, {}, {}
+        for i in range(3):
+            layers.update({f"A{i}": "bf16", f"SEED{i}": "i64", f"p{i}": 0.1, f"mult{i}": 2.2, f"r{i}": R})
+            outs.update({f"A_OUT{i}": "bf16", f"H{i}": "bf16"})
+            grads.update({f"DYB{i}": "bf16", f"PART{i}": "fp32"})
+        shrink_n = dict(X="bf16", T=T, n_in=HIDDEN, s_x0=HIDDEN, s_x1=1, **layers, **outs)
+        cfg = tk.MASKED_SHRINK_SIBLINGS_CONFIG[n]
+        yield f"{n} masked shrinks, one pass BT={cfg['BT']} BK={cfg['BK']} warps={cfg['num_warps']}", \
+            tk._masked_shrink_siblings_kernel, shrink_n, dict(N=n, BT=cfg["BT"], BK=cfg["BK"], BR=R, IEEE=False,
+                                                              WRITE_A0=False, WRITE_A1=False, WRITE_A2=False), \
+            cfg["num_warps"]
+        backward_n = dict(DX="bf16", X="bf16", T=T, n_in=HIDDEN, rows_per_split=64, s_dx0=HIDDEN, s_dx1=1,
+                          s_x0=HIDDEN, s_x1=1, **layers, **grads)
+        cfg = tk.MASKED_SIBLINGS_CONFIG[n]
+        yield f"{n} masked backwards, one pass BT={cfg['BT']} BN={cfg['BN']} warps={cfg['num_warps']}", \
+            tk._masked_backward_siblings_kernel, backward_n, dict(N=n, BT=cfg["BT"], BN=cfg["BN"], BR=R, IEEE=False), \
+            cfg["num_warps"]
     for dropout in (False, True):
         cfg = tk.gated_backward_config(R, dropout)
         tiles = [(cfg["BT"], cfg["BN"], cfg["num_warps"])]

@@ -297,7 +297,7 @@ def siblings(T: int = 8192, r: int = 16) -> None:
         cfg = tk.MASKED_SIBLINGS_CONFIG[n]
         default = dict(cfg)
         for bt, bn, warps, programs in [(32, 128, 4, 1024), (32, 64, 4, 2048), (64, 64, 4, 1024), (32, 128, 8, 1024),
-                                        (16, 128, 4, 2048), (64, 128, 8, 1024)]:
+                                        (16, 128, 4, 2048), (64, 128, 8, 1024), (16, 64, 4, 4096)]:
             cfg.update(BT=bt, BN=bn, num_warps=warps, programs=programs)
             rows.append((f"{n} layers, shared pass BT={bt} BN={bn} warps={warps} programs~{programs}",
                          bench(lambda: tk.masked_backward_siblings_(dx, x, terms[:n]))))
@@ -313,7 +313,7 @@ def siblings(T: int = 8192, r: int = 16) -> None:
             lambda: [tk.masked_shrink(x, a, p, sd, s) for a, s, p, sd, _ in shrink_terms[:n]])))
         cfg = tk.MASKED_SHRINK_SIBLINGS_CONFIG[n]
         default = dict(cfg)
-        for bt, bk, warps in [(32, 128, 4), (64, 128, 4), (16, 128, 4), (32, 64, 4), (64, 64, 8), (128, 64, 8)]:
+        for bt, bk, warps in [(32, 128, 4), (64, 128, 4), (16, 128, 4), (32, 64, 4), (64, 64, 8), (16, 64, 4)]:
             cfg.update(BT=bt, BK=bk, num_warps=warps)
             rows.append((f"{n} layers, shared shrink BT={bt} BK={bk} warps={warps}",
                          bench(lambda: tk.masked_shrink_siblings(x, shrink_terms[:n]))))

@@ -228,44 +228,15 @@ if triton is not None:
         tl.store(OUT + rt[:, None] * n_in + rn[None, :], keep.to(tl.int8), mask=ok)
 
     @triton.jit
-    def _masked_shrink_kernel(X, A, H, A_OUT, T, n_in, r, SEED, p, mult,
-                              s_x0, s_x1, s_a0, s_a1, s_h0, s_h1,
-                              BT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr,
-                              WRITE_A: tl.constexpr):
-        # H[t, :] = mult · Σ_i keep(t, i)·X[t, i] · A[:, i], mult = s/(1-p); one block of BT rows per program.
-        # mult scales the float32 sum once, so the dropped x enters the dot as it was loaded.
-        # A is read in its own dtype and rounded to x's; with WRITE_A the first program stores
-        # that rounded copy in A_OUT (r, in).
-        rt = tl.program_id(0) * BT + tl.arange(0, BT)
-        rr = tl.arange(0, BR)
-        acc = tl.zeros((BT, BR), dtype=tl.float32)
-        for k0 in range(0, n_in, BK):
-            rk = k0 + tl.arange(0, BK)
-            ok = (rt[:, None] < T) & (rk[None, :] < n_in)
-            x = tl.load(X + rt[:, None] * s_x0 + rk[None, :] * s_x1, mask=ok, other=0.0)
-            keep = _keep(tl.load(SEED), rt, k0, n_in, p, BT, BK)
-            x = tl.where(keep, x, 0.0).to(X.dtype.element_ty)
-            a_ok = (rr[None, :] < r) & (rk[:, None] < n_in)
-            a = tl.load(A + rr[None, :] * s_a0 + rk[:, None] * s_a1, mask=a_ok,
-                        other=0.0).to(X.dtype.element_ty)  # (BK, BR) = Aᵀ tile
-            if WRITE_A:
-                if tl.program_id(0) == 0:
-                    tl.store(A_OUT + rr[None, :] * n_in + rk[:, None], a, mask=a_ok)
-            if IEEE:
-                acc += tl.dot(x, a, input_precision="ieee")
-            else:
-                acc += tl.dot(x, a)
-        tl.store(H + rt[:, None] * s_h0 + rr[None, :] * s_h1, (acc * mult).to(H.dtype.element_ty),
-                 mask=(rt[:, None] < T) & (rr[None, :] < r))
-
-    @triton.jit
-    def _shrink_term(acc, x, A, A_OUT, rr, rk, rt, k0, n_in, r, SEED, p, BT: tl.constexpr, BK: tl.constexpr,
-                     IEEE: tl.constexpr, WRITE_A: tl.constexpr):
-        # One layer's share of a k-tile in `_masked_shrink_siblings_kernel`: acc += keep·x · Aᵀ.
+    def _shrink_term(acc, x, A, A_OUT, s_a0, s_a1, rr, rk, rt, k0, n_in, r, SEED, p, BT: tl.constexpr,
+                     BK: tl.constexpr, IEEE: tl.constexpr, WRITE_A: tl.constexpr):
+        # One layer's share of a k-tile x (BT, BK) of the input: acc += keep·x · Aᵀ. A is read in its
+        # own dtype and rounded to x's; with WRITE_A the first program stores that rounded copy in
+        # A_OUT (r, in), contiguous.
         keep = _keep(tl.load(SEED), rt, k0, n_in, p, BT, BK)
         xm = tl.where(keep, x, 0.0).to(x.dtype)
         a_ok = (rr[None, :] < r) & (rk[:, None] < n_in)
-        a = tl.load(A + rr[None, :] * n_in + rk[:, None], mask=a_ok, other=0.0).to(x.dtype)  # (BK, BR) = Aᵀ tile
+        a = tl.load(A + rr[None, :] * s_a0 + rk[:, None] * s_a1, mask=a_ok, other=0.0).to(x.dtype)  # (BK, BR) = Aᵀ
         if WRITE_A:
             if tl.program_id(0) == 0:
                 tl.store(A_OUT + rr[None, :] * n_in + rk[:, None], a, mask=a_ok)
@@ -274,6 +245,24 @@ if triton is not None:
         else:
             acc += tl.dot(xm, a)
         return acc
+
+    @triton.jit
+    def _masked_shrink_kernel(X, A, H, A_OUT, T, n_in, r, SEED, p, mult,
+                              s_x0, s_x1, s_a0, s_a1, s_h0, s_h1,
+                              BT: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, IEEE: tl.constexpr,
+                              WRITE_A: tl.constexpr):
+        # H[t, :] = mult · Σ_i keep(t, i)·X[t, i] · A[:, i], mult = s/(1-p); one block of BT rows per program.
+        # mult scales the float32 sum once, so the dropped x enters the dot as it was loaded.
+        rt = tl.program_id(0) * BT + tl.arange(0, BT)
+        rr = tl.arange(0, BR)
+        acc = tl.zeros((BT, BR), dtype=tl.float32)
+        for k0 in range(0, n_in, BK):
+            rk = k0 + tl.arange(0, BK)
+            ok = (rt[:, None] < T) & (rk[None, :] < n_in)
+            x = tl.load(X + rt[:, None] * s_x0 + rk[None, :] * s_x1, mask=ok, other=0.0)
+            acc = _shrink_term(acc, x, A, A_OUT, s_a0, s_a1, rr, rk, rt, k0, n_in, r, SEED, p, BT, BK, IEEE, WRITE_A)
+        tl.store(H + rt[:, None] * s_h0 + rr[None, :] * s_h1, (acc * mult).to(H.dtype.element_ty),
+                 mask=(rt[:, None] < T) & (rr[None, :] < r))
 
     @triton.jit
     def _masked_shrink_siblings_kernel(X, T, n_in, s_x0, s_x1,
@@ -295,10 +284,10 @@ if triton is not None:
             rk = k0 + tl.arange(0, BK)
             ok = (rt[:, None] < T) & (rk[None, :] < n_in)
             x = tl.load(X + rt[:, None] * s_x0 + rk[None, :] * s_x1, mask=ok, other=0.0)
-            acc0 = _shrink_term(acc0, x, A0, A_OUT0, rr, rk, rt, k0, n_in, r0, SEED0, p0, BT, BK, IEEE, WRITE_A0)
-            acc1 = _shrink_term(acc1, x, A1, A_OUT1, rr, rk, rt, k0, n_in, r1, SEED1, p1, BT, BK, IEEE, WRITE_A1)
+            acc0 = _shrink_term(acc0, x, A0, A_OUT0, n_in, 1, rr, rk, rt, k0, n_in, r0, SEED0, p0, BT, BK, IEEE, WRITE_A0)
+            acc1 = _shrink_term(acc1, x, A1, A_OUT1, n_in, 1, rr, rk, rt, k0, n_in, r1, SEED1, p1, BT, BK, IEEE, WRITE_A1)
             if N == 3:
-                acc2 = _shrink_term(acc2, x, A2, A_OUT2, rr, rk, rt, k0, n_in, r2, SEED2, p2, BT, BK, IEEE, WRITE_A2)
+                acc2 = _shrink_term(acc2, x, A2, A_OUT2, n_in, 1, rr, rk, rt, k0, n_in, r2, SEED2, p2, BT, BK, IEEE, WRITE_A2)
         t_ok = rt[:, None] < T
         tl.store(H0 + rt[:, None] * r0 + rr[None, :], (acc0 * mult0).to(H0.dtype.element_ty),
                  mask=t_ok & (rr[None, :] < r0))
