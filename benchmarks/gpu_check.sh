@@ -40,6 +40,8 @@
 #                                              # shrinks and dropout backward (micro), eager and graphed steps
 #                                              # with the q/k/v node and without (<= 9.4 min)
 #   bash benchmarks/gpu_check.sh 22 [OUT_DIR]  # the compiled GPU tests (<= 5 min)
+#   bash benchmarks/gpu_check.sh 23 [OUT_DIR]  # the GPU tests of the shared passes, of wide ranks and of the
+#                                              # compiled one-node MLP (<= 4 min)
 #
 # Parts 14 to 17 and 20 compare with an earlier tree where .carry/before/ holds one (its src/ and
 # benchmarks/, e.g. `git archive d94617a src benchmarks | tar -x -C .carry/before`), run in
@@ -217,15 +219,19 @@ elif [ "$part" = 20 ]; then
 elif [ "$part" = 21 ]; then
     step gpu-tests 200 bash -c "python -m pytest -q -p no:cacheprovider tests/test_gpu.py -k 'not compiled'; \
         python -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py -k 'siblings or shared_input or whole_gated'"
-    cd benchmarks
     step gpu-tests-compiled-one-node 120 python -m pytest -q -p no:cacheprovider tests/test_gpu.py \
         -k "compiled_matches_eager and node"
+    cd benchmarks
     step micro-siblings 60 python micro_lora_ops.py --siblings
     step train-eager-graphed 180 python train_step.py --modes eager,graphed --methods floor,lorakit,lorakit-qkv-alone \
         --dropouts 0,0.1 --json "$out/train-eager-graphed.json"
 elif [ "$part" = 22 ]; then
     step gpu-tests-compiled 300 python -m pytest -q -p no:cacheprovider tests/test_gpu.py -k compiled
+elif [ "$part" = 23 ]; then
+    step gpu-tests 240 bash -c "python -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+        -k 'wide_ranks or shared_input or (compiled_matches_eager and node)'; \
+        python -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py -k 'siblings or shared_input or whole_gated'"
 else
-    echo "usage: bash benchmarks/gpu_check.sh 1|...|22 [OUT_DIR]" >&2
+    echo "usage: bash benchmarks/gpu_check.sh 1|...|23 [OUT_DIR]" >&2
     exit 2
 fi

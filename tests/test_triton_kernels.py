@@ -121,6 +121,8 @@ def test_masked_backward_siblings_is_one_pass_a_layer(dtype, T, n_in, ranks):
         assert got.dtype == torch.float32 and rel(got, want) < TOL[dtype]
     with pytest.raises(ValueError, match="2 or 3 layers"):
         tk.masked_backward_siblings_(dx, x, terms[:1])
+    with pytest.raises(ValueError, match="ranks up to 64, got 80"):
+        tk.masked_backward_siblings_(dx, x, [terms[0], (rand(T, 80), rand(80, n_in), 1.0, 0.1, 5)])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -143,6 +145,8 @@ def test_masked_shrink_siblings_is_one_pass_a_layer(dtype, T, n_in, ranks):
             assert torch.equal(out, a.to(dtype))
     with pytest.raises(ValueError, match="2 or 3 layers"):
         tk.masked_shrink_siblings(x, terms[:1])
+    with pytest.raises(ValueError, match="ranks up to 64, got 80"):
+        tk.masked_shrink_siblings(x, [terms[0], (rand(80, n_in), 1.0, 0.1, 5, None)])
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2])
@@ -362,16 +366,18 @@ def test_whole_gated_mlp_node_with_kernels_matches_reference(p, monkeypatch):
             assert rel(got, want) < 1e-5
         assert len(folds) == (1 if p else 0)
         assert len(shared) == (1 if p else 0)  # gate's and up's dropout terms in one pass over dx and x
-        assert len(shrinks) == (1 if p else 0)  # and their shrinks in one pass over x
+        assert not shrinks  # two shrinks stay one a layer: the shared one was not faster at two
     finally:
         fused.use_kernels_on_cpu(False)
 
 
+@pytest.mark.parametrize("ranks", [(4, 3, 5), (80, 3, 5)])
 @pytest.mark.parametrize("p", [0.0, 0.25])
-def test_shared_input_node_with_kernels_matches_reference(p, monkeypatch):
+def test_shared_input_node_with_kernels_matches_reference(p, ranks, monkeypatch):
     """q, k and v as one node on the kernel route (biased, ranks and widths differing), against
-    per-layer reference arithmetic; with dropout the three layers' backward dropout terms come from
-    one shared pass."""
+    per-layer reference arithmetic; with dropout the three layers' shrinks and their backward
+    dropout terms come from one shared pass each, unless a rank is above tk.SIBLINGS_MAX_RANK
+    (then q's run alone and k's and v's in one pass)."""
     shared, shrinks = [], []
     real = tk.masked_backward_siblings_
     monkeypatch.setattr(tk, "masked_backward_siblings_", lambda *args: shared.append(1) or real(*args))
@@ -381,7 +387,7 @@ def test_shared_input_node_with_kernels_matches_reference(p, monkeypatch):
     try:
         x = rand(3, 7, 40, seed=4).requires_grad_(True)
         parts = [(rand(out, 40, seed=10 + i), rand(out, seed=20 + i), rand(r, 40, seed=30 + i).requires_grad_(True),
-                  rand(out, r, seed=40 + i).requires_grad_(True)) for i, (out, r) in enumerate([(40, 4), (16, 3), (16, 5)])]
+                  rand(out, r, seed=40 + i).requires_grad_(True)) for i, (out, r) in enumerate(zip((40, 16, 16), ranks))]
         scales, seeds = (0.5, 0.7, 0.9), (77, 78, 79)
         ys = fused.shared_input_linears(x, parts, scales, (p, p, p), training=True, seeds=seeds)
 
@@ -396,7 +402,8 @@ def test_shared_input_node_with_kernels_matches_reference(p, monkeypatch):
         assert all(rel(y, yr) < 1e-5 for y, yr in zip(ys, yrs))
         for got, want in zip(torch.autograd.grad(ys, leaves, dys), torch.autograd.grad(yrs, leaves, dys)):
             assert rel(got, want) < 1e-5
-        assert len(shared) == len(shrinks) == (1 if p else 0)
+        assert len(shared) == (1 if p else 0)  # k's and v's at least
+        assert len(shrinks) == (1 if p and max(ranks) <= tk.SIBLINGS_MAX_RANK else 0)
     finally:
         fused.use_kernels_on_cpu(False)
 

@@ -469,19 +469,33 @@ def masked_shrink(x2: Tensor, lora_A: Tensor, p: float, seed: int | Tensor, scal
     return h
 
 
-# The siblings' shrink at two and at three layers (benchmarks/micro_lora_ops.py --siblings times the choices).
-MASKED_SHRINK_SIBLINGS_CONFIG = {2: {"BT": 32, "BK": 128, "num_warps": 4}, 3: {"BT": 32, "BK": 128, "num_warps": 4}}
+# The siblings' shrink at two and at three layers (benchmarks/micro_lora_ops.py --siblings times the
+# choices). On an H200 at T = 8192, in = 2048, r = 16 (benchmarks/RESULTS.md, twelfth set) three
+# layers took 0.040 ms at 32 × 64 against 0.043 for three `masked_shrink`s (0.045 at 32 × 128); two
+# took 0.031 at best against 0.029 for two, so `fused` uses this pass for three layers only.
+MASKED_SHRINK_SIBLINGS_CONFIG = {2: {"BT": 32, "BK": 64, "num_warps": 4}, 3: {"BT": 32, "BK": 64, "num_warps": 4}}
+
+# The shared passes hold every layer's factor tiles at once: up to this rank (their tiles at 64
+# fit a Hopper SM's shared memory in float32 too; at 32 × 128 three rank-64 float32 layers did not).
+SIBLINGS_MAX_RANK = 64
+
+
+def _check_siblings(name: str, ranks: list[int]) -> None:
+    if len(ranks) not in (2, 3):
+        raise ValueError(f"{name} takes 2 or 3 layers, got {len(ranks)}")
+    if max(ranks) > SIBLINGS_MAX_RANK:
+        raise ValueError(f"{name} takes ranks up to {SIBLINGS_MAX_RANK}, got {max(ranks)}")
 
 
 def masked_shrink_siblings(x2: Tensor, terms: list[tuple[Tensor, float, float, Tensor, Tensor | None]]
                            ) -> list[Tensor]:
     """`masked_shrink` for two or three layers that read one input x, in one pass over x: each
     layer's h = s·dropout(x)·Aᵀ with its own mask. terms: (A (r, in) in any dtype, s, p > 0, seed,
-    a_out) a layer, a_out as `masked_shrink` takes it; the ranks may differ. Returns the h's (T, r)."""
+    a_out) a layer, a_out as `masked_shrink` takes it; the ranks may differ, up to SIBLINGS_MAX_RANK.
+    Returns the h's (T, r)."""
     T, n_in = x2.shape
     n = len(terms)
-    if n not in (2, 3):
-        raise ValueError(f"masked_shrink_siblings takes 2 or 3 layers, got {n}")
+    _check_siblings("masked_shrink_siblings", [t[0].shape[0] for t in terms])
     cfg = MASKED_SHRINK_SIBLINGS_CONFIG[n]
     args, hs, writes = [], [], []
     for lora_A, scale, p, seed, a_out in terms:
@@ -854,20 +868,22 @@ def masked_backward_(dx: Tensor, x2: Tensor, dyb: Tensor, lora_A: Tensor, scale:
     return part.sum(0) if splits > 1 else part[0]
 
 
-# The siblings' pass at two and at three layers (benchmarks/micro_lora_ops.py --siblings times the choices).
-MASKED_SIBLINGS_CONFIG = {2: {"BT": 32, "BN": 128, "num_warps": 4, "programs": 1024},
-                          3: {"BT": 32, "BN": 64, "num_warps": 4, "programs": 2048}}
+# The siblings' pass at two and at three layers (benchmarks/micro_lora_ops.py --siblings times the
+# choices). On an H200 at T = 8192, in = 2048, r = 16 (benchmarks/RESULTS.md, twelfth set): two layers
+# 0.073 ms against 0.088 for two `masked_backward_`s; three 0.111 against 0.132.
+MASKED_SIBLINGS_CONFIG = {2: {"BT": 32, "BN": 64, "num_warps": 4, "programs": 2048},
+                          3: {"BT": 32, "BN": 128, "num_warps": 4, "programs": 1024}}
 
 
 def masked_backward_siblings_(dx: Tensor, x2: Tensor, terms: list[tuple[Tensor, Tensor, float, float, Tensor]]
                               ) -> list[Tensor]:
     """`masked_backward_` for two or three layers that read one input x, in one pass over dx and x:
     dx += Σ s·(dyB·A)⊙mask/(1-p) in place, and returns each layer's dA = s·dyBᵀ·(x⊙mask)/(1-p) in
-    float32. terms: (dyb (T, r), A (r, in) in x's dtype, s, p, seed) a layer, p > 0; the ranks may differ."""
+    float32. terms: (dyb (T, r), A (r, in) in x's dtype, s, p, seed) a layer, p > 0; the ranks may differ,
+    up to SIBLINGS_MAX_RANK."""
     T, n_in = x2.shape
     n = len(terms)
-    if n not in (2, 3):
-        raise ValueError(f"masked_backward_siblings_ takes 2 or 3 layers, got {n}")
+    _check_siblings("masked_backward_siblings_", [t[1].shape[0] for t in terms])
     cfg = MASKED_SIBLINGS_CONFIG[n]
     n_blocks, splits, rows = _row_splits(T, n_in, cfg["BT"], cfg["BN"], cfg["programs"])
     args, parts = [], []
