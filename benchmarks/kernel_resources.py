@@ -8,6 +8,7 @@ A kernel that streams memory wants many warps resident; the register count bound
     python benchmarks/kernel_resources.py                 # the configured tiles
     python benchmarks/kernel_resources.py --sweep         # also the tiles micro_lora_ops.py sweeps
     python benchmarks/kernel_resources.py --rank 64       # at another rank (the factor tiles grow with it)
+    python benchmarks/kernel_resources.py --rank 256 --factors fp32   # float32 adapters, read as stored
 
 The figures depend on the Triton version (printed first); the GPU machine's is the one that counts.
 """
@@ -30,7 +31,8 @@ from lorakit.ops import multi  # noqa: E402
 from lorakit.ops import triton_kernels as tk  # noqa: E402
 
 T, HIDDEN, WIDTH, R = 8192, 2048, 8192, 16
-REGISTERS_PER_SM, MAX_WARPS_PER_SM = 65536, 64
+FACTORS = "bf16"  # the dtype of A and B where a kernel reads them as they are stored (--factors)
+REGISTERS_PER_SM, MAX_WARPS_PER_SM, SHARED_PER_SM = 65536, 64, 232448
 
 
 def resources(fn, args: dict, constexprs: dict, num_warps: int, num_stages: int = 3) -> dict:
@@ -65,6 +67,7 @@ def resources(fn, args: dict, constexprs: dict, num_warps: int, num_stages: int 
     threads = 32 * num_warps
     blocks = min(REGISTERS_PER_SM // max(1, usage["REG"] * threads), MAX_WARPS_PER_SM // num_warps)
     usage["warps_per_sm"] = blocks * num_warps  # bounded by registers alone
+    usage["DYNAMIC"] = kernel.metadata.shared  # the shared memory a launch asks for (the pipeline's buffers)
     return usage
 
 
@@ -72,19 +75,20 @@ def cases(sweep: bool):
     """(label, kernel, args, constexprs, num_warps) for each kernel at its configured tiles (and, with
     `sweep`, the alternatives micro_lora_ops.py times)."""
     seed = dict(SEED="i64", p=0.1, mult=2.2)
-    shrink = dict(X="bf16", A="bf16", H="bf16", A_OUT="bf16", T=T, n_in=HIDDEN, r=R, s_x0=HIDDEN, s_x1=1, s_a0=HIDDEN, s_a1=1,
+    shrink = dict(X="bf16", A=FACTORS, H="bf16", A_OUT="bf16", T=T, n_in=HIDDEN, r=R, s_x0=HIDDEN, s_x1=1, s_a0=HIDDEN, s_a1=1,
                   s_h0=R, s_h1=1, **seed)
     backward = dict(DX="bf16", X="bf16", DYB="bf16", A="bf16", PART="fp32", T=T, n_in=HIDDEN, r=R, rows_per_split=64,
                     s_dx0=HIDDEN, s_dx1=1, s_x0=HIDDEN, s_x1=1, s_d0=R, s_d1=1, s_a0=HIDDEN, s_a1=1, **seed)
     gated = dict(DZ="bf16", G="bf16", U="bf16", DYB="bf16", A="bf16", DU="bf16", PART="fp32", T=T, width=WIDTH, r=R,
                  rows_per_split=64, s_d0=R, s_d1=1, s_a0=WIDTH, s_a1=1, **seed)
-    expand = dict(Y="bf16", H="bf16", B="bf16", B_OUT="bf16", T=T, n_out=HIDDEN, r=R, s_y0=HIDDEN, s_y1=1, s_h0=R, s_h1=1, s_b0=R,
+    expand = dict(Y="bf16", H="bf16", B=FACTORS, B_OUT="bf16", T=T, n_out=HIDDEN, r=R, s_y0=HIDDEN, s_y1=1, s_h0=R, s_h1=1, s_b0=R,
                   s_b1=1)
-    w_eff = dict(W="bf16", A="bf16", B="bf16", OUT="bf16", A_OUT="bf16", B_OUT="bf16", n_out=HIDDEN, n_in=HIDDEN, r=R, scale=2.0, s_w0=HIDDEN,
+    w_eff = dict(W="bf16", A=FACTORS, B=FACTORS, OUT="bf16", A_OUT="bf16", B_OUT="bf16", n_out=HIDDEN, n_in=HIDDEN, r=R, scale=2.0, s_w0=HIDDEN,
                  s_w1=1, s_a0=HIDDEN, s_a1=1, s_b0=R, s_b1=1, s_o0=HIDDEN, s_o1=1)
     c = tk.MASKED_CONFIG
     yield "W + s·B·A (64 × 128 tiles)", tk._w_eff_kernel, w_eff, dict(BM=64, BN=128, BR=R, IEEE=False, WRITE_AB=False), 4
-    tiles = [(c["shrink"]["BT"], c["shrink"]["BK"], c["shrink"]["num_warps"])]
+    sc = c["shrink"] if tk._br(R) < 256 else tk.MASKED_SHRINK_WIDE_CONFIG
+    tiles = [(sc["BT"], sc["BK"], sc["num_warps"])]
     tiles += [(64, 64, 4), (32, 128, 4), (16, 128, 4), (32, 64, 2)] if sweep else []
     for bt, bk, w in tiles:
         yield f"masked shrink BT={bt} BK={bk} warps={w}", tk._masked_shrink_kernel, shrink, \
@@ -98,7 +102,7 @@ def cases(sweep: bool):
     for n in (2, 3):  # the layers reading one x (gate/up; q/k/v): shrinks and backward in one pass each
         layers, outs, grads = {}, {}, {}
         for i in range(3):
-            layers.update({f"A{i}": "bf16", f"SEED{i}": "i64", f"p{i}": 0.1, f"mult{i}": 2.2, f"r{i}": R})
+            layers.update({f"A{i}": FACTORS, f"SEED{i}": "i64", f"p{i}": 0.1, f"mult{i}": 2.2, f"r{i}": R})
             outs.update({f"A_OUT{i}": "bf16", f"H{i}": "bf16"})
             grads.update({f"DYB{i}": "bf16", f"PART{i}": "fp32"})
         shrink_n = dict(X="bf16", T=T, n_in=HIDDEN, s_x0=HIDDEN, s_x1=1, **layers, **outs)
@@ -108,7 +112,7 @@ def cases(sweep: bool):
                                                               WRITE_A0=False, WRITE_A1=False, WRITE_A2=False), \
             cfg["num_warps"]
         backward_n = dict(DX="bf16", X="bf16", T=T, n_in=HIDDEN, rows_per_split=64, s_dx0=HIDDEN, s_dx1=1,
-                          s_x0=HIDDEN, s_x1=1, **layers, **grads)
+                          s_x0=HIDDEN, s_x1=1, **{**layers, **{f"A{i}": "bf16" for i in range(3)}}, **grads)
         cfg = tk.MASKED_SIBLINGS_CONFIG[n]
         yield f"{n} masked backwards, one pass BT={cfg['BT']} BN={cfg['BN']} warps={cfg['num_warps']}", \
             tk._masked_backward_siblings_kernel, backward_n, dict(N=n, BT=cfg["BT"], BN=cfg["BN"], BR=R, IEEE=False), \
@@ -132,7 +136,7 @@ def cases(sweep: bool):
     e = tk.EXPAND_CONFIG
     yield f"expand add BT={e['BT']} BN={e['BN']} warps={e['num_warps']}", tk._train_expand_add_kernel, expand, \
         dict(BT=e["BT"], BN=e["BN"], BR=R, IEEE=False, WRITE_B=False), e["num_warps"]
-    fold = dict(G="bf16", U="bf16", Z="bf16", HG="bf16", BG="bf16", HU="bf16", BU="bf16", BG_OUT="bf16",
+    fold = dict(G="bf16", U="bf16", Z="bf16", HG="bf16", BG=FACTORS, HU="bf16", BU=FACTORS, BG_OUT="bf16",
                 BU_OUT="bf16", T=T, width=WIDTH, rg=R, ru=R, s_hg0=R, s_hg1=1, s_bg0=R, s_bg1=1, s_hu0=R, s_hu1=1,
                 s_bu0=R, s_bu1=1)
     f = tk.GATED_ACT_LORA_CONFIG
@@ -142,17 +146,20 @@ def cases(sweep: bool):
 
 
 def main() -> None:
-    global R
+    global R, FACTORS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="also the alternative tiles")
     parser.add_argument("--rank", type=int, default=R, help="the LoRA rank r (default %(default)s)")
+    parser.add_argument("--factors", default=FACTORS, choices=["bf16", "fp32"],
+                        help="the dtype of A and B where a kernel reads them as stored (float32 adapters: fp32)")
     args = parser.parse_args()
-    R = args.rank
-    print(f"Triton {triton.__version__}, compiled for sm_90 (no GPU used), r = {R}")
-    print(f"{'kernel':<52} {'regs':>5} {'stack':>6} {'shared':>7} {'warps/SM':>9}")
+    R, FACTORS = args.rank, args.factors
+    print(f"Triton {triton.__version__}, compiled for sm_90 (no GPU used), r = {R}, factors read as {FACTORS}")
+    print(f"{'kernel':<52} {'regs':>5} {'stack':>6} {'shared':>7} {'launch shared':>14} {'warps/SM':>9}")
     for label, fn, kernel_args, constexprs, warps in cases(args.sweep):
         u = resources(fn, kernel_args, constexprs, warps)
-        print(f"{label:<52} {u['REG']:>5} {u['STACK']:>6} {u['SHARED']:>7} {u['warps_per_sm']:>9}")
+        over = " (over the SM's 232,448)" if u["DYNAMIC"] > SHARED_PER_SM else ""
+        print(f"{label:<52} {u['REG']:>5} {u['STACK']:>6} {u['SHARED']:>7} {u['DYNAMIC']:>14,} {u['warps_per_sm']:>9}{over}")
 
 
 if __name__ == "__main__":

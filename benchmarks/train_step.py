@@ -77,8 +77,7 @@ def measure(method: str, bs: int, seq: int, r: int, dropout: float, compiled: bo
     before those kernels rounded them themselves; "lorakit-three-nodes" runs each gated MLP
     as three autograd nodes (gate, up, and down with the elementwise work) instead of one
     (fusion.WHOLE_MLP_NODE off), as before that node; "lorakit-one-node" runs it as one node under
-    torch.compile too (fusion.WHOLE_MLP_NODE_COMPILED, on by default since the twelfth set of
-    benchmarks/RESULTS.md, so the same as "lorakit" unless LORAKIT_WHOLE_MLP_NODE_COMPILED=0); "lorakit-qkv-alone" runs q_proj, k_proj and
+    torch.compile too (fusion.WHOLE_MLP_NODE_COMPILED); "lorakit-qkv-alone" runs q_proj, k_proj and
     v_proj one by one instead of as one node (fusion.SHARED_INPUT_NODE off), as before that node."""
     from lorakit import fusion
     from lorakit.ops import fused

@@ -168,6 +168,41 @@ def test_fused_function_with_kernels_matches_reference(p):
         fused.use_kernels_on_cpu(False)
 
 
+@pytest.mark.parametrize("r", [256, 300])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_wide_ranks_take_the_wide_shrink_or_the_torch_ops(r, p, monkeypatch):
+    """At rank 256 the masked shrink runs at its narrow-k tile (MASKED_SHRINK_WIDE_CONFIG); above
+    tk.KERNEL_MAX_RANK a layer runs no kernel at all. Either way it matches the reference."""
+    calls = []  # the kernels launched (W + s·B·A: asked to use its kernel)
+    for name in ("masked_shrink", "expand_add_", "masked_backward_", "build_w_eff_casts", "build_w_eff"):
+        real = getattr(tk, name)
+
+        def spy(*args, _real=real, _name=name, **kw):
+            if kw.get("use_kernel", True) is not False:
+                calls.append(_name)
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(tk, name, spy)
+    fused.use_kernels_on_cpu(True)
+    try:
+        x = rand(2, 5, 40, seed=4).requires_grad_(True)
+        w, bias = rand(24, 40, seed=5), rand(24, seed=6)
+        a, b = rand(r, 40, seed=7).requires_grad_(True), rand(24, r, seed=8).requires_grad_(True)
+        y = fused.lora_linear(x, w, bias, a, b, 0.5, p, training=True, seed=77)
+        mask = tk.dropout_keep_mask((10, 40), p, 77, DEVICE).reshape(x.shape).float() / (1 - p) if p else 1.0
+        yr = torch.nn.functional.linear(x, w, bias) + ((x * mask) @ a.T @ b.T) * 0.5
+        dy = torch.randn_like(yr)
+        assert rel(y, yr) < 1e-5
+        for g1, g2 in zip(torch.autograd.grad(y, (x, a, b), dy), torch.autograd.grad(yr, (x, a, b), dy)):
+            assert rel(g1, g2) < 1e-5
+    finally:
+        fused.use_kernels_on_cpu(False)
+    if r > tk.KERNEL_MAX_RANK:
+        assert not calls
+    else:
+        assert ("masked_shrink" in calls) == bool(p)
+
+
 @pytest.mark.parametrize("dtype", DTYPES[1:])
 @pytest.mark.parametrize("T,n,r", [(70, 45, 5), (200, 300, 16)])
 def test_dropout_kernels_round_float32_factors_and_can_write_them(dtype, T, n, r):
@@ -327,11 +362,14 @@ def test_gated_down_with_kernels_matches_reference(act, p, trainable_w, monkeypa
         fused.use_kernels_on_cpu(False)
 
 
+@pytest.mark.parametrize("ranks", [(4, 3, 4), (300, 3, 300)], ids=["narrow", "above-the-kernels-rank"])
 @pytest.mark.parametrize("p", [0.0, 0.25])
-def test_whole_gated_mlp_node_with_kernels_matches_reference(p, monkeypatch):
+def test_whole_gated_mlp_node_with_kernels_matches_reference(p, ranks, monkeypatch):
     """gate, up and down as one node on the kernel route, against per-layer reference arithmetic;
     with dropout, gate's and up's expands go through the activation kernel (`gated_act_lora_`) and
-    their backward dropout terms through one shared pass (`masked_backward_siblings_`)."""
+    their backward dropout terms through one shared pass (`masked_backward_siblings_`). Where gate
+    and down have ranks above tk.KERNEL_MAX_RANK, they take the torch ops, and the fold and the
+    shared pass are not used."""
     folds, shared = [], []
     real = tk.gated_act_lora_
     monkeypatch.setattr(tk, "gated_act_lora_", lambda *args: folds.append(1) or real(*args))
@@ -343,12 +381,13 @@ def test_whole_gated_mlp_node_with_kernels_matches_reference(p, monkeypatch):
     fused.use_kernels_on_cpu(True)
     try:
         x = rand(3, 7, 40, seed=4).requires_grad_(True)
-        parts = [(rand(64, 40, seed=5), None, rand(4, 40, seed=6).requires_grad_(True),
-                  rand(64, 4, seed=7).requires_grad_(True)),
-                 (rand(64, 40, seed=8), None, rand(3, 40, seed=9).requires_grad_(True),
-                  rand(64, 3, seed=10).requires_grad_(True)),  # ranks of gate and up differ
-                 (rand(24, 64, seed=11), None, rand(4, 64, seed=12).requires_grad_(True),
-                  rand(24, 4, seed=13).requires_grad_(True))]
+        rg, ru, rd = ranks  # the ranks of gate and up differ
+        parts = [(rand(64, 40, seed=5), None, rand(rg, 40, seed=6).requires_grad_(True),
+                  rand(64, rg, seed=7).requires_grad_(True)),
+                 (rand(64, 40, seed=8), None, rand(ru, 40, seed=9).requires_grad_(True),
+                  rand(64, ru, seed=10).requires_grad_(True)),
+                 (rand(24, 64, seed=11), None, rand(rd, 64, seed=12).requires_grad_(True),
+                  rand(24, rd, seed=13).requires_grad_(True))]
         seeds = (77, 78, 79)
         y = fused.gated_mlp(x, "silu", parts, (0.5, 0.5, 0.5), (p, p, p), training=True, seeds=seeds)
 
@@ -364,8 +403,9 @@ def test_whole_gated_mlp_node_with_kernels_matches_reference(p, monkeypatch):
         assert rel(y, yr) < 1e-5
         for got, want in zip(torch.autograd.grad(y, leaves, dy), torch.autograd.grad(yr, leaves, dy)):
             assert rel(got, want) < 1e-5
-        assert len(folds) == (1 if p else 0)
-        assert len(shared) == (1 if p else 0)  # gate's and up's dropout terms in one pass over dx and x
+        narrow = max(ranks) <= tk.KERNEL_MAX_RANK
+        assert len(folds) == (1 if p and narrow else 0)
+        assert len(shared) == (1 if p and narrow else 0)  # gate's and up's dropout terms in one pass over dx and x
         assert not shrinks  # two shrinks stay one a layer: the shared one was not faster at two
     finally:
         fused.use_kernels_on_cpu(False)

@@ -40,12 +40,12 @@ _PARTS = ("gate_proj", "up_proj", "down_proj")
 # `set_whole_mlp_node(False)` turns it off.
 WHOLE_MLP_NODE = env_flag("LORAKIT_WHOLE_MLP_NODE", default=True)
 
-# Under torch.compile too, unless this is off (LORAKIT_WHOLE_MLP_NODE_COMPILED=0 or
-# `set_whole_mlp_node(True, compiled=False)`) or the layers compile as opaque custom ops
-# (fused.COMPILE_AS_CUSTOM_OPS): then the compiler sees three nodes. Four compiled
-# Llama-1B-shaped blocks on an H200 (benchmarks/RESULTS.md, twelfth set) stepped in 21.7 ms against
-# 23.2 with three nodes at dropout 0, 23.1 against 23.8 at 0.1, at the same peak memory.
-WHOLE_MLP_NODE_COMPILED = env_flag("LORAKIT_WHOLE_MLP_NODE_COMPILED", default=True)
+# Under torch.compile the MLP runs as three nodes unless this is on (LORAKIT_WHOLE_MLP_NODE_COMPILED=1
+# or `set_whole_mlp_node(True, compiled=True)`), and never with the opaque custom ops
+# (fused.COMPILE_AS_CUSTOM_OPS). On an H200 (benchmarks/RESULTS.md, twelfth set) four compiled
+# Llama-1B-shaped blocks stepped in 21.7 ms with one node against 23.2 with three at dropout 0, but
+# the whole 16-block model in 82.9 against 81.8 ms, in one run: it does not pay where it counts.
+WHOLE_MLP_NODE_COMPILED = env_flag("LORAKIT_WHOLE_MLP_NODE_COMPILED", default=False)
 
 
 def set_whole_mlp_node(enabled: bool, compiled: bool | None = None) -> None:
@@ -93,7 +93,7 @@ def _one_node_parts(mlp: nn.Module, name: str, x: Tensor):
     """((weight, bias, A, B) of gate, up, down) when the whole MLP can run as one node with
     adapter `name`, else None. `_fused_forward` has checked down_proj already; gate and up must
     be LoRA layers like it, each with `name` alone active, no hooks, in down's training mode,
-    and all three bases frozen plain linear layers. Under torch.compile only with WHOLE_MLP_NODE_COMPILED (the default)
+    and all three bases frozen plain linear layers. Under torch.compile only with WHOLE_MLP_NODE_COMPILED (off by default)
     and not with the opaque custom ops (fused.COMPILE_AS_CUSTOM_OPS)."""
     down = mlp.down_proj
     compiled_ok = WHOLE_MLP_NODE_COMPILED and not ops.fused.COMPILE_AS_CUSTOM_OPS  # custom ops stay opaque

@@ -102,8 +102,10 @@ def use_kernels_on_cpu(enabled: bool) -> None:
     _KERNELS_ON_CPU = enabled
 
 
-def _kernels(t: Tensor) -> bool:
-    return tk.triton_usable(t) and (t.is_cuda or _KERNELS_ON_CPU) and t.numel() <= tk.MAX_MASK_ELEMENTS
+def _kernels(t: Tensor, rank: int = 0) -> bool:
+    """Whether the Triton kernels run on t (for a layer of that rank: above tk.KERNEL_MAX_RANK the torch ops do)."""
+    return (tk.triton_usable(t) and (t.is_cuda or _KERNELS_ON_CPU) and t.numel() <= tk.MAX_MASK_ELEMENTS
+            and rank <= tk.KERNEL_MAX_RANK)
 
 
 _MM_OUT_DTYPE: dict[torch.device, bool] = {}  # per device: whether addmm can write float32 from half inputs
@@ -177,7 +179,7 @@ def _forward(x2: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lo
     """
     ct = x2.dtype
     n_out, n_in = weight.shape
-    kernels = _kernels(x2)
+    kernels = _kernels(x2, lora_A.shape[0])
     bias = None if bias is None else as_dtype(bias, ct)
     if p == 0.0:
         if weight.dtype == ct:  # the kernel rounds A and B to ct as it reads them: no cast launches
@@ -230,7 +232,7 @@ def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: T
     n_out, n_in = weight.shape
     a, b = as_dtype(lora_A, ct), as_dtype(lora_B, ct)
     x2 = as_dtype(x2, ct)
-    kernels = _kernels(x2)
+    kernels = _kernels(x2, lora_A.shape[0])
     dx = dweight = dbias = d_a = d_b = None
     if keep is None and p and not kernels and (need_a or (need_dx and dx_lora)):
         keep = _keep_mask(x2, p, seed)
@@ -383,9 +385,9 @@ GATED_ACTIVATIONS = {
 }
 
 
-def _gated_kernels(g: Tensor, u: Tensor, act: str) -> bool:
-    """Whether the gated MLP's elementwise kernels can run on g and u."""
-    return (act in tk.GATED_KERNEL_ACTS and _kernels(g) and g.shape == u.shape and g.dtype == u.dtype
+def _gated_kernels(g: Tensor, u: Tensor, act: str, rank: int = 0) -> bool:
+    """Whether the gated MLP's elementwise kernels can run on g and u (backward: with down's rank)."""
+    return (act in tk.GATED_KERNEL_ACTS and _kernels(g, rank) and g.shape == u.shape and g.dtype == u.dtype
             and g.is_contiguous() and u.is_contiguous())
 
 
@@ -411,7 +413,7 @@ def _gated_node_backward(dy: Tensor, g: Tensor, u: Tensor, act: str, weight: Ten
     materialised in backward.
     """
     need_g, need_u, need_w, need_bias, need_a, need_b = needs
-    if _gated_kernels(g, u, act) and not need_w:
+    if _gated_kernels(g, u, act, lora_A.shape[0]) and not need_w:
         # g stands in for down's input: same shape, and only its shape and device are used.
         dz, _, dbias, _, d_b, dyb = _linear_node_backward(dy, g, weight, lora_A, lora_B, h, scale, p, seed,
                                                           (True, False, need_bias, False, need_b), a_dtype, b_dtype,
@@ -479,7 +481,8 @@ class GatedMLPFunction(torch.autograd.Function):
         x2 = _rows(x)  # (T, in)
         # With dropout on gate and up and the kernels running, their expands h·Bᵀ are added in
         # the activation kernel (`gated_act_lora_`) rather than by two passes over g and u.
-        fold = bool(ps[0] and ps[1]) and _kernels(x2) and act in tk.GATED_KERNEL_ACTS and wg.shape[0] == wu.shape[0]
+        fold = (bool(ps[0] and ps[1]) and _kernels(x2, max(ag.shape[0], au.shape[0])) and act in tk.GATED_KERNEL_ACTS
+                and wg.shape[0] == wu.shape[0])
         keeps = [_cpu_keep(x2, p, seed) for p, seed in zip(ps[:2], seeds[:2])]
         (g, hg, ag_c, bg_c, weff_g), (u, hu, au_c, bu_c, weff_u) = _siblings_forward(  # (g or u, h, a, b, w_eff)
             x2, [(w, b, a, bb, s, p, seed, keep) for (w, b, a, bb), s, p, seed, keep in
@@ -742,7 +745,7 @@ def lora_linear_inference(x: Tensor, weight: Tensor, bias: Tensor | None, lora_A
     bias = None if bias is None else as_dtype(bias, ct)
     if base is None and x2.shape[0] * (n_in + 2 * n_out) > 2 * n_in * n_out:
         # A and B go in as they are: the kernel (or its torch twin) rounds them to ct itself.
-        w_eff = tk.build_w_eff(as_dtype(weight, ct), lora_A, lora_B, scale, use_kernel=_kernels(x2))
+        w_eff = tk.build_w_eff(as_dtype(weight, ct), lora_A, lora_B, scale, use_kernel=_kernels(x2, lora_A.shape[0]))
         y = torch.nn.functional.linear(x2, w_eff, bias)
     else:
         a, b = as_dtype(lora_A, ct), as_dtype(lora_B, ct)

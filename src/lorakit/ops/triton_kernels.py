@@ -426,6 +426,17 @@ WIDE_RANK = 64
 MASKED_BACKWARD_WIDE_CONFIG = {"BT": 32, "BN": 64, "num_warps": 4, "programs": 2048}
 
 
+# From rank 256 on the shrink's A tiles (BK × r, read in A's own dtype, float32 for float32
+# adapters) and their pipeline buffers no longer fit a Hopper SM's 227 KiB of shared memory at
+# BK = 128 (an H200 refused r = 256: 311,296 bytes asked); at BK = 32 the launch asks for 71,680
+# bytes at r = 256 and 137,216 at 512 (benchmarks/kernel_resources.py --rank 256 --factors fp32).
+MASKED_SHRINK_WIDE_CONFIG = {"BT": 32, "BK": 32, "num_warps": 4}
+
+# Above this rank the fused layers use torch ops instead of the kernels: at rank 512 the in-place
+# expand's tiles, among others, ask for more shared memory than an SM has (kernel_resources.py).
+KERNEL_MAX_RANK = 256
+
+
 def masked_backward_config(r: int) -> dict:
     """The tile `masked_backward_` uses at rank r (the dict itself: tuning scripts update it)."""
     return MASKED_BACKWARD_WIDE_CONFIG if _br(r) >= WIDE_RANK else MASKED_CONFIG["backward"]
@@ -461,7 +472,7 @@ def masked_shrink(x2: Tensor, lora_A: Tensor, p: float, seed: int | Tensor, scal
     T, n_in = x2.shape
     r = lora_A.shape[0]
     h = torch.empty(T, r, dtype=x2.dtype, device=x2.device)
-    cfg = MASKED_CONFIG["shrink"]
+    cfg = MASKED_CONFIG["shrink"] if _br(r) < 256 else MASKED_SHRINK_WIDE_CONFIG
     _masked_shrink_kernel[(cdiv(T, cfg["BT"]),)](
         x2, lora_A, h, h if a_out is None else a_out, T, n_in, r, seed_tensor(seed, x2.device), p,
         scale / (1.0 - p), x2.stride(0), x2.stride(1), lora_A.stride(0), lora_A.stride(1), h.stride(0), h.stride(1),
