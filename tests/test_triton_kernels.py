@@ -149,30 +149,11 @@ def test_masked_shrink_siblings_is_one_pass_a_layer(dtype, T, n_in, ranks):
         tk.masked_shrink_siblings(x, [terms[0], (rand(80, n_in), 1.0, 0.1, 5, None)])
 
 
+@pytest.mark.parametrize("r", [4, 256, 300])
 @pytest.mark.parametrize("p", [0.0, 0.2])
-def test_fused_function_with_kernels_matches_reference(p):
-    fused.use_kernels_on_cpu(True)
-    try:
-        x = rand(3, 7, 40, seed=4).requires_grad_(True)
-        w, bias = rand(24, 40, seed=5), rand(24, seed=6)
-        a, b = rand(4, 40, seed=7).requires_grad_(True), rand(24, 4, seed=8).requires_grad_(True)
-        y = fused.lora_linear(x, w, bias, a, b, 0.5, p, training=True, seed=77)
-        mask = tk.dropout_keep_mask((21, 40), p, 77, DEVICE).reshape(x.shape).float() / (1 - p) if p else 1.0
-        yr = ref.lora_linear(x, w, bias, a, b, 0.5) if not p else \
-            torch.nn.functional.linear(x, w, bias) + ((x * mask) @ a.T @ b.T) * 0.5
-        dy = torch.randn_like(yr)
-        assert rel(y, yr) < 1e-5
-        for g1, g2 in zip(torch.autograd.grad(y, (x, a, b), dy), torch.autograd.grad(yr, (x, a, b), dy)):
-            assert rel(g1, g2) < 1e-5
-    finally:
-        fused.use_kernels_on_cpu(False)
-
-
-@pytest.mark.parametrize("r", [256, 300])
-@pytest.mark.parametrize("p", [0.0, 0.2])
-def test_wide_ranks_take_the_wide_shrink_or_the_torch_ops(r, p, monkeypatch):
-    """At rank 256 the masked shrink runs at its narrow-k tile (MASKED_SHRINK_WIDE_CONFIG); above
-    tk.KERNEL_MAX_RANK a layer runs no kernel at all. Either way it matches the reference."""
+def test_fused_function_with_kernels_matches_reference(p, r, monkeypatch):
+    """A layer on the kernel route against the reference; at rank 256 the masked shrink runs at its
+    narrow-k tile (MASKED_SHRINK_WIDE_CONFIG), and above tk.KERNEL_MAX_RANK no kernel runs at all."""
     calls = []  # the kernels launched (W + s·B·A: asked to use its kernel)
     for name in ("masked_shrink", "expand_add_", "masked_backward_", "build_w_eff_casts", "build_w_eff"):
         real = getattr(tk, name)
@@ -185,12 +166,13 @@ def test_wide_ranks_take_the_wide_shrink_or_the_torch_ops(r, p, monkeypatch):
         monkeypatch.setattr(tk, name, spy)
     fused.use_kernels_on_cpu(True)
     try:
-        x = rand(2, 5, 40, seed=4).requires_grad_(True)
+        x = rand(3, 7, 40, seed=4).requires_grad_(True)
         w, bias = rand(24, 40, seed=5), rand(24, seed=6)
         a, b = rand(r, 40, seed=7).requires_grad_(True), rand(24, r, seed=8).requires_grad_(True)
         y = fused.lora_linear(x, w, bias, a, b, 0.5, p, training=True, seed=77)
-        mask = tk.dropout_keep_mask((10, 40), p, 77, DEVICE).reshape(x.shape).float() / (1 - p) if p else 1.0
-        yr = torch.nn.functional.linear(x, w, bias) + ((x * mask) @ a.T @ b.T) * 0.5
+        mask = tk.dropout_keep_mask((21, 40), p, 77, DEVICE).reshape(x.shape).float() / (1 - p) if p else 1.0
+        yr = ref.lora_linear(x, w, bias, a, b, 0.5) if not p else \
+            torch.nn.functional.linear(x, w, bias) + ((x * mask) @ a.T @ b.T) * 0.5
         dy = torch.randn_like(yr)
         assert rel(y, yr) < 1e-5
         for g1, g2 in zip(torch.autograd.grad(y, (x, a, b), dy), torch.autograd.grad(yr, (x, a, b), dy)):
@@ -200,7 +182,7 @@ def test_wide_ranks_take_the_wide_shrink_or_the_torch_ops(r, p, monkeypatch):
     if r > tk.KERNEL_MAX_RANK:
         assert not calls
     else:
-        assert ("masked_shrink" in calls) == bool(p)
+        assert ("masked_shrink" in calls) == bool(p) and ("build_w_eff_casts" in calls) == (not p)
 
 
 @pytest.mark.parametrize("dtype", DTYPES[1:])
