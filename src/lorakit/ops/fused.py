@@ -22,6 +22,11 @@ y and x·Aᵀ from one GEMM against [W_eff; A] was tried and dropped: the output
 out strided, and every op downstream of a strided activation slowed more than the
 saved pass gained.)
 
+Layers that read one input can also run as one node: the gated MLP (`GatedMLPFunction`) and
+q/k/v (`SharedInputFunction`, which `lorakit.fusion` sets up). There x's gradient is
+accumulated in place, and with dropout the layers' backward dropout terms (and, for three
+layers, their masked shrinks) come from one pass over x instead of one a layer.
+
 Same signature as `reference.lora_linear`; tested against it.
 """
 
