@@ -164,6 +164,9 @@ def test_fused_function_with_kernels_matches_reference(p, r, monkeypatch):
             return _real(*args, **kw)
 
         monkeypatch.setattr(tk, name, spy)
+    masks = []  # masks made with torch ops
+    real_mask = fused._keep_mask
+    monkeypatch.setattr(fused, "_keep_mask", lambda *args: masks.append(1) or real_mask(*args))
     fused.use_kernels_on_cpu(True)
     try:
         x = rand(3, 7, 40, seed=4).requires_grad_(True)
@@ -181,8 +184,10 @@ def test_fused_function_with_kernels_matches_reference(p, r, monkeypatch):
         fused.use_kernels_on_cpu(False)
     if r > tk.KERNEL_MAX_RANK:
         assert not calls
+        assert len(masks) == (1 if p else 0)  # forward's mask, kept for backward
     else:
         assert ("masked_shrink" in calls) == bool(p) and ("build_w_eff_casts" in calls) == (not p)
+        assert not masks
 
 
 @pytest.mark.parametrize("dtype", DTYPES[1:])

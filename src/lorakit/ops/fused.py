@@ -67,11 +67,12 @@ def _keep_mask(x2: Tensor, p: float, seed: Tensor) -> Tensor:
     return tk.keep_mask_torch(tuple(x2.shape), p, tk.seed_tensor(seed, x2.device))
 
 
-def _cpu_keep(x: Tensor, p: float, seed: Tensor | None) -> Tensor | None:
-    """Where the kernels do not run (the CPU), forward's dropout mask of x (..., in) as booleans
-    (T, in), kept for backward: a byte an element, against hashing every position again (most of
-    the dropout step's extra time on a CPU). None where the kernels run or without dropout."""
-    if not p or _kernels(x):
+def _cpu_keep(x: Tensor, p: float, seed: Tensor | None, rank: int = 0) -> Tensor | None:
+    """Where the kernels do not run (the CPU, or a layer of that rank above tk.KERNEL_MAX_RANK),
+    forward's dropout mask of x (..., in) as booleans (T, in), kept for backward: a byte an
+    element, against hashing every position again (most of the dropout step's extra time on a
+    CPU). None where the kernels run or without dropout."""
+    if not p or _kernels(x, rank):
         return None
     return _keep_mask(_rows(x), p, seed)
 
@@ -307,8 +308,7 @@ def _siblings_backward(dys, x2: Tensor, layers, need_dx: bool) -> tuple[Tensor |
     takes them. dx = Σ dy·W (the GEMMs accumulate into one buffer in place) plus each layer's
     LoRA share; where the kernels run, the dropout layers' shares and their dA (ranks up to
     tk.SIBLINGS_MAX_RANK) come from one pass over dx and x (`masked_backward_siblings_`) instead
-    of one pass a layer. Returns (dx,
-    [(dbias, dA, dB) a layer]), None where not wanted.
+    of one pass a layer. Returns (dx, [(dbias, dA, dB) a layer]), None where not wanted.
     """
     dx, grads, masked = None, [], []
     kernels = _kernels(x2)
@@ -364,7 +364,7 @@ class LoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor,
                 scale: float, dropout_p: float, seed: Tensor | None) -> Tensor:
         # x (..., in), weight (out, in), lora_A (r, in), lora_B (out, r)
-        keep = _cpu_keep(x, dropout_p, seed)
+        keep = _cpu_keep(x, dropout_p, seed, lora_A.shape[0])
         y, h, a, b, w_eff = _linear_node_forward(x, weight, bias, lora_A, lora_B, scale, dropout_p, seed, keep)
         ctx.save_for_backward(x, weight, a, b, h, seed, w_eff if SAVE_W_EFF else None, keep)
         ctx.scale, ctx.dropout_p, ctx.dtypes = scale, dropout_p, (lora_A.dtype, lora_B.dtype)
@@ -449,7 +449,7 @@ class GatedDownFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g: Tensor, u: Tensor, act: str, weight: Tensor, bias: Tensor | None, lora_A: Tensor,
                 lora_B: Tensor, scale: float, dropout_p: float, seed: Tensor | None) -> Tensor:
-        keep = _cpu_keep(g, dropout_p, seed)  # down's input has g's shape
+        keep = _cpu_keep(g, dropout_p, seed, lora_A.shape[0])  # down's input has g's shape
         y, h, a, b, w_eff = _gated_node_forward(g, u, act, weight, bias, lora_A, lora_B, scale, dropout_p, seed, keep)
         ctx.save_for_backward(g, u, weight, a, b, h, seed, w_eff if SAVE_W_EFF else None, keep)
         ctx.act, ctx.scale, ctx.dropout_p, ctx.dtypes = act, scale, dropout_p, (lora_A.dtype, lora_B.dtype)
@@ -488,11 +488,11 @@ class GatedMLPFunction(torch.autograd.Function):
         # the activation kernel (`gated_act_lora_`) rather than by two passes over g and u.
         fold = (bool(ps[0] and ps[1]) and _kernels(x2, max(ag.shape[0], au.shape[0])) and act in tk.GATED_KERNEL_ACTS
                 and wg.shape[0] == wu.shape[0])
-        keeps = [_cpu_keep(x2, p, seed) for p, seed in zip(ps[:2], seeds[:2])]
+        keeps = [_cpu_keep(x2, p, seed, a.shape[0]) for p, seed, a in zip(ps[:2], seeds[:2], (ag, au))]
         (g, hg, ag_c, bg_c, weff_g), (u, hu, au_c, bu_c, weff_u) = _siblings_forward(  # (g or u, h, a, b, w_eff)
             x2, [(w, b, a, bb, s, p, seed, keep) for (w, b, a, bb), s, p, seed, keep in
                  zip(((wg, bg, ag, bbg), (wu, bu, au, bbu)), scales, ps, seeds, keeps)], expand=not fold)
-        keeps.append(_cpu_keep(g, ps[2], seeds[2]))
+        keeps.append(_cpu_keep(g, ps[2], seeds[2], ad.shape[0]))
         if fold:
             z = tk.gated_act_lora_(g, u, hg, bbg, hu, bbu, act, None if bg_c is bbg else bg_c,
                                    None if bu_c is bbu else bu_c)
@@ -544,7 +544,7 @@ class SharedInputFunction(torch.autograd.Function):
                 seeds: tuple[Tensor | None, ...], *parts: Tensor | None) -> tuple[Tensor, ...]:
         x2 = _rows(x)  # (T, in)
         n = len(scales)
-        keeps = [_cpu_keep(x2, ps[i], seeds[i]) for i in range(n)]
+        keeps = [_cpu_keep(x2, ps[i], seeds[i], parts[4 * i + 2].shape[0]) for i in range(n)]
         outs = _siblings_forward(x2, [(*parts[4 * i:4 * i + 4], scales[i], ps[i], seeds[i], keeps[i]) for i in range(n)])
         ys, saved = [], []
         for i, (y, h, a, b, w_eff) in enumerate(outs):
