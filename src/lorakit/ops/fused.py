@@ -244,7 +244,12 @@ def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: T
         keep = _keep_mask(x2, p, seed)
     dyb = dy2 @ b  # (T, r)
     if need_dx and p == 0.0:
-        if w_eff is None:
+        if w_eff is None and not kernels and torch.compiler.is_compiling():
+            # Not the forward's build verbatim: the compiler would merge the two and keep forward's
+            # W_eff (weight-sized) for backward. The scale on B instead of in the GEMM's epilogue.
+            acc = torch.promote_types(ct, torch.float32)
+            w_eff = as_dtype(torch.addmm(as_dtype(weight, acc), as_dtype(b, acc) * scale, as_dtype(a, acc)), ct)
+        elif w_eff is None:
             w_eff = torch.empty(n_out, n_in, dtype=ct, device=x2.device)  # (out, in)
             tk.build_w_eff(weight, a, b, scale, out=w_eff, use_kernel=kernels)
         dx = dy2 @ w_eff if dx_out is None else dx_out.addmm_(dy2, w_eff)  # dy·W_eff: (T, in)
@@ -267,7 +272,9 @@ def _backward(dy2: Tensor, x2: Tensor, weight: Tensor, lora_A: Tensor, lora_B: T
         elif kernels:
             d_a = as_dtype(tk.masked_grad_a(dyb, x2, p, seed, scale), a_dtype)
         else:
-            d_a = _scaled_mm(dyb.T, x2 * keep, scale / (1.0 - p), a_dtype)
+            # keep·x, not forward's x·keep: under torch.compile the two would be merged and the
+            # dropped input (tokens × in) kept for backward.
+            d_a = _scaled_mm(dyb.T, keep * x2, scale / (1.0 - p), a_dtype)
     if need_b:
         d_b = _scaled_mm(dy2.T, as_dtype(h, ct), 1.0, b_dtype)  # (out, r); h already carries s
     if need_w:
@@ -430,7 +437,10 @@ def _gated_node_backward(dy: Tensor, g: Tensor, u: Tensor, act: str, weight: Ten
                 as_dtype(d_a, a_dtype) if need_a else None, d_b)
     act_fwd, act_bwd = GATED_ACTIVATIONS[act]
     act_g = act_fwd(g)
-    dz, dw, dbias, d_a, d_b, _ = _linear_node_backward(dy, act_g * u, weight, lora_A, lora_B, h, scale, p, seed,
+    # Under torch.compile the product is written unlike forward's, which the compiler would
+    # otherwise merge with it and keep (tokens × width) for backward instead of recomputing it.
+    z = u * act_g if torch.compiler.is_compiling() else act_g * u
+    dz, dw, dbias, d_a, d_b, _ = _linear_node_backward(dy, z, weight, lora_A, lora_B, h, scale, p, seed,
                                                        (need_g or need_u, need_w, need_bias, need_a, need_b),
                                                        a_dtype, b_dtype, w_eff, keep=keep)
     du = dz * act_g if need_u else None
@@ -577,12 +587,14 @@ class SharedInputFunction(torch.autograd.Function):
 # -- the same two nodes as opaque custom ops, for torch.compile ---------------------------
 #
 # Traced through (the default), the autograd functions above let the compiler's partitioner
-# choose what to keep for backward, and it keeps W_eff and act(g)·u — weight- and MLP-sized
-# tensors the eager path rebuilds instead. As custom ops the compiler keeps exactly what
-# setup_context saves: on an H100 (Llama-3.2-1B shape, 16 × 512) peak memory fell from 1.30×
-# to 1.14× the compiled floor, but the step went from 1.24× to 1.45× (benchmarks/RESULTS.md),
-# so the custom ops are opt-in: set COMPILE_AS_CUSTOM_OPS = True (or LORAKIT_COMPILE_CUSTOM_OPS=1)
-# to trade time for memory. Eager calls always use the autograd functions.
+# choose what to keep for backward. Where backward rebuilt a tensor exactly as forward made it
+# (W_eff, act(g)·u, the dropped input on the torch ops), the compiler merged the two and kept
+# forward's; backward therefore writes those differently under torch.compile, and keeps what
+# the eager path keeps (benchmarks/compiled_saved.py lists it). As custom ops the compiler keeps
+# exactly what setup_context saves, but the step was slower: on an H100 (Llama-3.2-1B shape,
+# 16 × 512) 1.45× the compiled floor against 1.24× traced (benchmarks/RESULTS.md), so the custom
+# ops are opt-in: COMPILE_AS_CUSTOM_OPS = True (or LORAKIT_COMPILE_CUSTOM_OPS=1). Eager calls
+# always use the autograd functions.
 COMPILE_AS_CUSTOM_OPS = env_flag("LORAKIT_COMPILE_CUSTOM_OPS", default=False)
 
 
