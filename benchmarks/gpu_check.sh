@@ -42,6 +42,8 @@
 #   bash benchmarks/gpu_check.sh 22 [OUT_DIR]  # the compiled GPU tests (<= 5 min)
 #   bash benchmarks/gpu_check.sh 23 [OUT_DIR]  # the GPU tests of the shared passes, of wide ranks and of the
 #                                              # compiled one-node MLP (<= 4 min)
+#   bash benchmarks/gpu_check.sh 24 [OUT_DIR]  # what the compiled step keeps for backward (2 blocks; the norms
+#                                              # recomputed and kept), the compiled GPU tests (<= 9.4 min)
 #
 # Parts 14 to 17 and 20 compare with an earlier tree where .carry/before/ holds one (its src/ and
 # benchmarks/, e.g. `git archive d94617a src benchmarks | tar -x -C .carry/before`), run in
@@ -231,7 +233,11 @@ elif [ "$part" = 23 ]; then
     step gpu-tests 240 bash -c "python -m pytest -q -p no:cacheprovider tests/test_gpu.py \
         -k 'wide_ranks or shared_input or (compiled_matches_eager and node)'; \
         python -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py -k 'siblings or shared_input or whole_gated'"
+elif [ "$part" = 24 ]; then
+    step gpu-tests-compiled 320 python -m pytest -q -p no:cacheprovider tests/test_gpu.py -k compiled
+    cd benchmarks
+    step compiled-saved 240 python compiled_saved.py --runs floor,lorakit:0,lorakit:0.1,lorakit:0:norms=0
 else
-    echo "usage: bash benchmarks/gpu_check.sh 1|...|23 [OUT_DIR]" >&2
+    echo "usage: bash benchmarks/gpu_check.sh 1|...|24 [OUT_DIR]" >&2
     exit 2
 fi

@@ -612,3 +612,93 @@ def test_cpu_dropout_mask_is_made_once_and_kept_as_booleans(monkeypatch):
     assert ((tokens, x.shape[-1]), torch.bool) in saved
     assert [s for s in saved if s[0][-1] == x.shape[-1] and s[1] != torch.bool and s[0] != tuple(x.shape)] == [
         (tuple(w.shape), w.dtype), (tuple(a.shape), a.dtype)]  # the weight and A, no dropped copy of x
+
+
+# -- what the compiled step keeps for backward ------------------------------------------------
+
+
+def test_norms_beside_lora_layers_get_the_recomputed_forward_and_lose_it_on_unload():
+    from lorakit import fusion
+
+    llama = lorakit.inject(tiny_llama_causal(), lorakit.LoraConfig(r=4, target_modules=LLAMA_TARGETS))
+    marked = [n for n, m in llama.named_modules() if m.__dict__.get(fusion._NORM_MARK)]
+    assert marked == ["model.layers.0.input_layernorm", "model.layers.0.post_attention_layernorm",
+                      "model.layers.1.input_layernorm", "model.layers.1.post_attention_layernorm", "model.norm"]
+    gpt2 = lorakit.inject(tiny_gpt2(), lorakit.LoraConfig(r=4, target_modules=["c_attn", "c_fc"]))
+    assert [n for n, m in gpt2.named_modules() if m.__dict__.get(fusion._NORM_MARK)] == [
+        "transformer.h.0.ln_1", "transformer.h.0.ln_2", "transformer.h.1.ln_1", "transformer.h.1.ln_2",
+        "transformer.ln_f"]
+    bert = lorakit.inject(tiny_bert_seq_cls(), lorakit.LoraConfig(r=4, target_modules=["query", "value"]))
+    assert not any(m.__dict__.get(fusion._NORM_MARK) for m in bert.modules())  # post-norm: beside no LoRA layer
+    ids = input_ids()
+    with torch.no_grad():
+        before = llama(ids).logits
+    plain = lorakit.unload(llama)
+    assert not any("forward" in m.__dict__ or m.__dict__.get(fusion._NORM_MARK) for m in plain.modules())
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, before)
+
+
+def _saved_for_backward(model, ids, monkeypatch) -> list[tuple[tuple, int]]:
+    """(shape, bytes) of each activation a compiled step keeps for backward, as the partitioner that
+    inductor runs (min-cut) chose it; parameters and inputs passed through are left out."""
+    import torch._functorch.config as fconfig
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    monkeypatch.setattr(fconfig, "enable_autograd_cache", False)
+    saved = []
+
+    def partition(joint, inputs, **kwargs):
+        fw, bw = min_cut_rematerialization_partition(joint, inputs, **kwargs)
+        fw_nodes = {n.name: n for n in fw.graph.nodes}
+        for node in bw.graph.nodes:
+            val, source = node.meta.get("val"), fw_nodes.get(node.name)
+            if (node.op == "placeholder" and not node.name.startswith("tangents") and isinstance(val, torch.Tensor)
+                    and source is not None and source.op != "placeholder"):
+                saved.append((tuple(val.shape), val.numel() * val.element_size()))
+        return fw, bw
+
+    def boxed(gm, _inputs):
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=boxed, bw_compiler=boxed, partition_fn=partition))
+    compiled(input_ids=ids, labels=ids).loss.backward()
+    return saved
+
+
+def test_compiled_step_keeps_what_the_frozen_model_keeps_plus_h(monkeypatch):
+    """Compiled with inductor's partitioner, a LoRA step at p = 0 keeps no weight-sized W + s·B·A,
+    no act(g)·u and no normalised input: the frozen model's saved activations, each layer's h
+    (tokens × r), and on the CPU one hidden-sized tensor a block (o_proj's input: the CPU's
+    attention output is laid out (batch, heads, seq, dim) and the copy into (tokens, hidden) is
+    kept; on the GPU it is a view) and one for the whole model (the first block's input, kept in
+    place of norm statistics). With the norms' outputs kept (fusion.RECOMPUTE_NORMS off) it keeps
+    two hidden-sized tensors a block more, less that first block's input."""
+    from lorakit import fusion
+
+    cfg = dict(hidden_size=64, intermediate_size=256)
+    ids = input_ids(batch=2, seq=24)  # 48 tokens: no activation of a weight's shape
+    tokens, r, blocks = ids.numel(), 4, 2
+
+    def make():
+        from tiny_models import llama_config
+        from transformers import LlamaForCausalLM
+
+        torch.manual_seed(0)
+        return LlamaForCausalLM(llama_config(**cfg)).train()
+
+    floor = make()
+    floor.requires_grad_(False)
+    floor.enable_input_require_grads()
+    kept_floor = sum(b for _, b in _saved_for_backward(floor, ids, monkeypatch))
+    lora = lorakit.inject(make(), lorakit.LoraConfig(r=r, target_modules=LLAMA_TARGETS, init_lora_weights=False)).train()
+    kept = _saved_for_backward(lora, ids, monkeypatch)
+    weight_shapes = {tuple(m.base_layer.weight.shape) for _, m in lorakit.lora_layers(lora)}
+    assert not [s for s, _ in kept if s in weight_shapes], "a weight-sized tensor was kept for backward"
+    h_bytes, hidden_bytes = 7 * blocks * tokens * r * 4, tokens * cfg["hidden_size"] * 4
+    assert sum(b for _, b in kept) <= kept_floor + h_bytes + (blocks + 1) * hidden_bytes
+    monkeypatch.setattr(fusion, "RECOMPUTE_NORMS", False)
+    kept_norms = sum(b for _, b in _saved_for_backward(lora, ids, monkeypatch))
+    assert kept_norms >= sum(b for _, b in kept) + (2 * blocks - 1) * hidden_bytes

@@ -1,5 +1,5 @@
-"""Block-level fusion for training: gated MLPs store g and u, not down_proj's input, and
-q/k/v run as one node.
+"""Block-level fusion for training: gated MLPs store g and u, not down_proj's input, q/k/v
+run as one node, and under torch.compile norms are recomputed in backward.
 
 A gated MLP computes down(act(gate(x)) ⊙ up(x)). With LoRA on down_proj, a per-layer
 fused path must store down's input (tokens × the MLP width, the largest activation of
@@ -18,6 +18,13 @@ pass over x and their backward dropout terms from one pass over dx and x) and ha
 their outputs when they are called next with that same input. A module that calls them in
 another order or on different inputs (cross-attention) is seen at its first call, told
 once in the log, and runs its layers one by one from then on.
+
+Under torch.compile, a normalisation layer (LayerNorm, RMSNorm) beside the modules that hold LoRA
+layers — a pre-norm block's input_layernorm / post_attention_layernorm, GPT-2's ln_1 / ln_2 — has
+its output recomputed in backward instead of kept: LoRA's dA needs the normalised input that the
+frozen model's own backward does not, and the compiler's partitioner otherwise keeps it (two
+hidden-sized tensors a block, as much as 1 GiB of a Llama-3.2-1B step at 16 × 512), when the
+norm's input, which it keeps anyway, and one pointwise pass give it back.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import types
 import weakref
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from lorakit import ops
@@ -67,6 +75,19 @@ def set_shared_input_node(enabled: bool) -> None:
     """Run q_proj, k_proj and v_proj as one autograd node (see SHARED_INPUT_NODE)."""
     global SHARED_INPUT_NODE
     SHARED_INPUT_NODE = bool(enabled)
+
+
+# Norms recomputed in backward under torch.compile (see the module docstring).
+# LORAKIT_RECOMPUTE_NORMS=0 or `set_recompute_norms(False)` keeps their outputs instead; so does
+# turning the fast path off (LORAKIT_FAST_PATH=0).
+RECOMPUTE_NORMS = env_flag("LORAKIT_RECOMPUTE_NORMS", default=True)
+_NORM_MARK = "_lorakit_recomputed_norm"
+
+
+def set_recompute_norms(enabled: bool) -> None:
+    """Recompute normalisation layers' outputs in backward under torch.compile (see RECOMPUTE_NORMS)."""
+    global RECOMPUTE_NORMS
+    RECOMPUTE_NORMS = bool(enabled)
 
 
 def activation_kind(act: object) -> str | None:
@@ -217,10 +238,41 @@ def fuse_gated_mlps(model: nn.Module) -> int:
     return count
 
 
+def is_norm(module: nn.Module) -> bool:
+    """A LayerNorm or RMSNorm: torch's own, or a model's class of that name (LlamaRMSNorm, T5LayerNorm)."""
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
+def _recomputed_norm_forward(self: nn.Module, *args, **kwargs):
+    if RECOMPUTE_NORMS and ops.fast_path_enabled() and torch.compiler.is_compiling() and torch.is_grad_enabled():
+        # A checkpointed region: the partitioner must recompute what is inside it for backward.
+        return torch.utils.checkpoint.checkpoint(type(self).forward, self, *args, use_reentrant=False, **kwargs)
+    return type(self).forward(self, *args, **kwargs)
+
+
+def recompute_norms(model: nn.Module) -> int:
+    """Give every norm that is a direct child of a module holding LoRA layers in its other children
+    the forward that torch.compile recomputes in backward; returns how many."""
+    count = 0
+    for module in model.modules():
+        children = list(module._modules.values())
+        if not any(isinstance(m, LoraLinear) for c in children if c is not None and not is_norm(c)
+                   for m in c.modules()):
+            continue
+        for child in children:
+            if child is not None and is_norm(child) and not child.__dict__.get(_NORM_MARK) and not _hooked(child):
+                child.forward = types.MethodType(_recomputed_norm_forward, child)
+                child.__dict__[_NORM_MARK] = True
+                count += 1
+    return count
+
+
 def unfuse(model: nn.Module) -> None:
-    """Restore every MLP's own forward and run q/k/v one by one."""
+    """Restore every MLP's and norm's own forward and run q/k/v one by one."""
     for module in model.modules():
         module.__dict__.pop("_shared_input", None)
         if getattr(module, _MARK, False):
             del module.forward
             delattr(module, _MARK)
+        if module.__dict__.pop(_NORM_MARK, False):
+            del module.forward

@@ -21,7 +21,7 @@ from torch import nn
 
 from lorakit import ops
 from lorakit.config import COMMON_LAYER_CONTAINERS, LoraConfig
-from lorakit.fusion import fuse_gated_mlps, group_shared_inputs, unfuse
+from lorakit.fusion import fuse_gated_mlps, group_shared_inputs, recompute_norms, unfuse
 from lorakit.layers import SUPPORTED_TYPES, LoraLayer, ModulesToSave, is_conv1d, is_supported, wrap
 
 _STATE_ATTR = "_lorakit_state"
@@ -217,6 +217,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter_name: str = "default", 
     set_adapter(model, state.active or [adapter_name])
     fuse_gated_mlps(model)
     group_shared_inputs(model)
+    recompute_norms(model)
     _guard_output_head(model)
     return model
 
