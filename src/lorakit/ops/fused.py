@@ -292,12 +292,12 @@ def _cast_buffer(t: Tensor, ct: torch.dtype) -> Tensor:
 def _siblings_forward(x2: Tensor, layers, expand: bool = True) -> list[tuple]:
     """`_forward` of layers that read one input x2 (T, in): layers (weight, bias, A, B, s, p, seed,
     keep) a layer. Where the kernels run and three of them have dropout (ranks up to
-    tk.SIBLINGS_MAX_RANK), their masked shrinks are one pass over x (`masked_shrink_siblings`)
+    tk.SIBLINGS_ROUTE_MAX_RANK), their masked shrinks are one pass over x (`masked_shrink_siblings`)
     instead of one a layer."""
     shrunk = [None] * len(layers)
     masked = [i for i, layer in enumerate(layers) if layer[5]]
     if (len(masked) == 3 and _kernels(x2)  # at two layers the shared shrink was not faster (tk's config)
-            and max(layers[i][2].shape[0] for i in masked) <= tk.SIBLINGS_MAX_RANK):
+            and max(layers[i][2].shape[0] for i in masked) <= tk.SIBLINGS_ROUTE_MAX_RANK):
         bufs = [_cast_buffer(layers[i][2], x2.dtype) for i in masked]
         hs = tk.masked_shrink_siblings(x2, [(layers[i][2], layers[i][4], layers[i][5], layers[i][6],
                                             None if buf is layers[i][2] else buf) for i, buf in zip(masked, bufs)])
@@ -314,7 +314,7 @@ def _siblings_backward(dys, x2: Tensor, layers, need_dx: bool) -> tuple[Tensor |
     (weight, A, B, h, s, p, seed, w_eff, keep, needs (bias, A, B), dtypes (A, B)) as `_backward`
     takes them. dx = Σ dy·W (the GEMMs accumulate into one buffer in place) plus each layer's
     LoRA share; where the kernels run, the dropout layers' shares and their dA (ranks up to
-    tk.SIBLINGS_MAX_RANK) come from one pass over dx and x (`masked_backward_siblings_`) instead
+    tk.SIBLINGS_ROUTE_MAX_RANK) come from one pass over dx and x (`masked_backward_siblings_`) instead
     of one pass a layer. Returns (dx, [(dbias, dA, dB) a layer]), None where not wanted.
     """
     dx, grads, masked = None, [], []
@@ -324,7 +324,7 @@ def _siblings_backward(dys, x2: Tensor, layers, need_dx: bool) -> tuple[Tensor |
             grads.append((None, None, None))
             continue
         # its dropout terms go to the shared pass
-        pass_later = bool(p) and kernels and need_dx and a.shape[0] <= tk.SIBLINGS_MAX_RANK
+        pass_later = bool(p) and kernels and need_dx and a.shape[0] <= tk.SIBLINGS_ROUTE_MAX_RANK
         dx_l, _, dbias, d_a, d_b, dyb = _backward(dy, x2, w, a, b, h, s, p, seed,
                                                   (need_dx, False, need_bias, need_a and not pass_later, need_b),
                                                   a_dt, b_dt, w_eff, dx_lora=not pass_later, keep=keep, dx_out=dx)

@@ -490,6 +490,12 @@ MASKED_SHRINK_SIBLINGS_CONFIG = {2: {"BT": 32, "BK": 64, "num_warps": 4}, 3: {"B
 # fit a Hopper SM's shared memory in float32 too; at 32 × 128 three rank-64 float32 layers did not).
 SIBLINGS_MAX_RANK = 64
 
+# The fused nodes route layers to the shared passes up to this rank, and run wider ones a layer at
+# a time, with tiles tuned for their rank. The shared passes' tiles were tuned at r = 16; on an H200
+# (benchmarks/RESULTS.md, thirteenth set) the graphed 16 × 512 step at r = 64 and dropout 0.1 took
+# 129.7 ms with them against 122.1 and 122.2 a layer at a time, r = 16 110.4–110.5 ms either way.
+SIBLINGS_ROUTE_MAX_RANK = 16
+
 
 def _check_siblings(name: str, ranks: list[int]) -> None:
     if len(ranks) not in (2, 3):
