@@ -244,7 +244,7 @@ def is_norm(module: nn.Module) -> bool:
 
 
 def _recomputed_norm_forward(self: nn.Module, *args, **kwargs):
-    if RECOMPUTE_NORMS and ops.fast_path_enabled() and torch.compiler.is_compiling() and torch.is_grad_enabled():
+    if RECOMPUTE_NORMS and torch.compiler.is_compiling() and torch.is_grad_enabled() and ops.fast_path_enabled():
         # A checkpointed region: the partitioner must recompute what is inside it for backward.
         return torch.utils.checkpoint.checkpoint(type(self).forward, self, *args, use_reentrant=False, **kwargs)
     return type(self).forward(self, *args, **kwargs)

@@ -437,10 +437,9 @@ def _gated_node_backward(dy: Tensor, g: Tensor, u: Tensor, act: str, weight: Ten
                 as_dtype(d_a, a_dtype) if need_a else None, d_b)
     act_fwd, act_bwd = GATED_ACTIVATIONS[act]
     act_g = act_fwd(g)
-    # Under torch.compile the product is written unlike forward's, which the compiler would
-    # otherwise merge with it and keep (tokens × width) for backward instead of recomputing it.
-    z = u * act_g if torch.compiler.is_compiling() else act_g * u
-    dz, dw, dbias, d_a, d_b, _ = _linear_node_backward(dy, z, weight, lora_A, lora_B, h, scale, p, seed,
+    # u·act(g), not forward's act(g)·u (the same values): under torch.compile the two would be
+    # merged and the product (tokens × width) kept for backward instead of recomputed.
+    dz, dw, dbias, d_a, d_b, _ = _linear_node_backward(dy, u * act_g, weight, lora_A, lora_B, h, scale, p, seed,
                                                        (need_g or need_u, need_w, need_bias, need_a, need_b),
                                                        a_dtype, b_dtype, w_eff, keep=keep)
     du = dz * act_g if need_u else None
