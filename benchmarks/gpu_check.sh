@@ -44,6 +44,8 @@
 #                                              # compiled one-node MLP (<= 4 min)
 #   bash benchmarks/gpu_check.sh 24 [OUT_DIR]  # what the compiled step keeps for backward (2 blocks; the norms
 #                                              # recomputed and kept), the compiled GPU tests (<= 9.4 min)
+#   bash benchmarks/gpu_check.sh 25 [OUT_DIR]  # compiled 4 x 2048 at r = 64, p = 0.1 with its floor; compiled
+#                                              # (4-block) steps with the norms recomputed, kept, recomputed (<= 7.3 min)
 #
 # Parts 14 to 17 and 20 compare with an earlier tree where .carry/before/ holds one (its src/ and
 # benchmarks/, e.g. `git archive d94617a src benchmarks | tar -x -C .carry/before`), run in
@@ -237,7 +239,15 @@ elif [ "$part" = 24 ]; then
     step gpu-tests-compiled 320 python -m pytest -q -p no:cacheprovider tests/test_gpu.py -k compiled
     cd benchmarks
     step compiled-saved 240 python compiled_saved.py --runs floor,lorakit:0,lorakit:0.1,lorakit:0:norms=0
+elif [ "$part" = 25 ]; then
+    cd benchmarks
+    step train-compiled-4x2048-r64 210 python train_step.py --modes compiled --methods floor,lorakit --shapes 4x2048 \
+        --ranks 64 --dropouts 0.1 --json "$out/train-compiled-4x2048-r64.json"
+    for run in recomputed:1 kept:0 recomputed-again:1; do  # the same code twice gives the noise
+        LORAKIT_RECOMPUTE_NORMS="${run#*:}" step "train-compiled-4-norms-${run%:*}" 75 python train_step.py \
+            --modes compiled --methods lorakit --dropouts 0 --layers 4 --steps 30 --json "$out/norms-${run%:*}.json"
+    done
 else
-    echo "usage: bash benchmarks/gpu_check.sh 1|...|24 [OUT_DIR]" >&2
+    echo "usage: bash benchmarks/gpu_check.sh 1|...|25 [OUT_DIR]" >&2
     exit 2
 fi
