@@ -52,7 +52,8 @@ WHOLE_MLP_NODE = env_flag("LORAKIT_WHOLE_MLP_NODE", default=True)
 # or `set_whole_mlp_node(True, compiled=True)`), and never with the opaque custom ops
 # (fused.COMPILE_AS_CUSTOM_OPS). On an H200 (benchmarks/RESULTS.md, twelfth set) four compiled
 # Llama-1B-shaped blocks stepped in 21.7 ms with one node against 23.2 with three at dropout 0, but
-# the whole 16-block model in 82.9 against 81.8 ms, in one run: it does not pay where it counts.
+# the whole 16-block model in 82.9 against 81.8 ms, in one run; in the fourteenth set four blocks
+# took 20.36 against 19.97 ms at dropout 0 and 22.48 against 22.77 at 0.1: it does not pay.
 WHOLE_MLP_NODE_COMPILED = env_flag("LORAKIT_WHOLE_MLP_NODE_COMPILED", default=False)
 
 

@@ -591,9 +591,10 @@ class SharedInputFunction(torch.autograd.Function):
 # forward's; backward therefore writes those differently under torch.compile, and keeps what
 # the eager path keeps (benchmarks/compiled_saved.py lists it). As custom ops the compiler keeps
 # exactly what setup_context saves, but the step was slower: on an H100 (Llama-3.2-1B shape,
-# 16 × 512) 1.45× the compiled floor against 1.24× traced (benchmarks/RESULTS.md), so the custom
-# ops are opt-in: COMPILE_AS_CUSTOM_OPS = True (or LORAKIT_COMPILE_CUSTOM_OPS=1). Eager calls
-# always use the autograd functions.
+# 16 × 512) 1.45× the compiled floor against 1.24× traced, and on an H200 (four blocks, later
+# kernels) 1.68× against 1.21×, the same kernel time but more host time (benchmarks/RESULTS.md,
+# fourteenth set), so the custom ops are opt-in: COMPILE_AS_CUSTOM_OPS = True (or
+# LORAKIT_COMPILE_CUSTOM_OPS=1). Eager calls always use the autograd functions.
 COMPILE_AS_CUSTOM_OPS = env_flag("LORAKIT_COMPILE_CUSTOM_OPS", default=False)
 
 
