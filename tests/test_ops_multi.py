@@ -131,6 +131,53 @@ def test_kernels_match_torch_ops(dtype, path, layout, with_bias):
     y_in = y.clone()
     assert multi.lora_expand_add_(y_in, h, b_stack, row_adapter, seq) is y_in
 
+    # h as a column block of a wider tensor (row stride 3R): the kernels read it in place
+    wide = torch.randn(h.shape[0], 3 * R, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    block = wide[:, R:2 * R]
+    assert block.stride(0) == 3 * R
+    assert max(row_errors(multi.lora_expand(block, b_stack, row_adapter, seq, bias, dtype),
+                          multi.lora_expand_torch(block, b_stack, row_adapter, seq, bias, dtype))) <= tol
+    assert max(row_errors(multi.lora_expand_add_(y.clone(), block, b_stack, row_adapter, seq),
+                          multi.lora_expand_add_torch(y.clone(), block, b_stack, row_adapter, seq))) <= tol
+
+
+@pytest.mark.parametrize("members", [2, 3])
+@pytest.mark.parametrize("layout", ["mixed-seq17", "wide"])
+@pytest.mark.parametrize("dtype,path", PATHS, indirect=["path"], ids=PATH_IDS)
+def test_group_shrink_equals_each_members_shrink(dtype, path, layout, members):
+    """One pass over x for two or three layers' A tables gives each layer's own shrink, side by side."""
+    rows, ranks, seq, n_in, n_out = LAYOUTS[layout]
+    tables = [make(dtype, rows, ranks, seq, n_in, n_out, seed=10 + i) for i in range(members)]
+    x2, row_adapter = tables[0][0].reshape(-1, n_in), tables[0][-1]
+    a_stacks = [t[5] for t in tables]
+    R = a_stacks[0].shape[1]
+    h = multi.lora_shrink_group(x2, a_stacks, row_adapter, seq)
+    assert h.shape == (x2.shape[0], members * R)
+    for m, a in enumerate(a_stacks):
+        assert max(row_errors(h[:, m * R:(m + 1) * R], multi.lora_shrink_torch(x2, a, row_adapter, seq))) <= TOL[dtype]
+    with pytest.raises(ValueError, match=r"a_stack 1: expected a contiguous table of a_stack 0's shape"):
+        multi.lora_shrink_group(x2, [a_stacks[0], a_stacks[1][:, :8]], row_adapter, seq)
+    with pytest.raises(ValueError, match=r"expected 1 to 3 A tables; found 4"):
+        multi.lora_shrink_group(x2, a_stacks[:1] * 4, row_adapter, seq)
+
+
+@pytest.mark.parametrize("dtype,path", KERNEL_PATHS, indirect=["path"], ids=PATH_IDS[2:])
+def test_mixed_linear_plan_repeats_multi_lora_linear(dtype, path):
+    """A `MixedLinear` plan built from one x gives `multi_lora_linear`'s output for other inputs of
+    that shape (strided ones too), checks nothing when called, and takes an h computed elsewhere."""
+    rows, ranks, seq, n_in, n_out = LAYOUTS["mixed-seq17"]
+    x, w, bias, _, _, a_stack, b_stack, R, row_adapter = make(dtype, rows, ranks, seq, n_in, n_out, True, seed=5)
+    plan = multi.MixedLinear(x, w, bias, a_stack, b_stack, row_adapter)
+    tol = TOL[dtype]
+    other = torch.randn(x.shape[0], x.shape[1], 2 * n_in, generator=torch.Generator().manual_seed(6)).to(DEVICE, dtype)
+    for xi in (x, other[..., ::2]):  # the second is strided
+        want = multi.multi_lora_linear(xi.contiguous(), w, bias, a_stack, b_stack, row_adapter)
+        assert max(row_errors(plan(xi).reshape(-1, n_out), want.reshape(-1, n_out))) <= tol
+    h = multi.lora_shrink(x.reshape(-1, n_in), a_stack, row_adapter, seq)
+    assert torch.equal(plan(x, h), plan(x))
+    with pytest.raises(ValueError, match=r"weight: expected shape \(out, 48\)"):
+        multi.MixedLinear(x, w[:, 1:], bias, a_stack, b_stack, row_adapter)
+
 
 def test_stack_adapters_pads_with_zeros_and_scales_b():
     a_list = [torch.randn(2, 6), torch.randn(5, 6)]

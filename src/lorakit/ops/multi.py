@@ -114,6 +114,8 @@ def _check_table(name: str, table: Tensor, expected: tuple, dtype: torch.dtype, 
 
 def _check_h(h: Tensor, b_stack: Tensor, row_adapter: Tensor, seq: int) -> None:
     _check_tokens("h", h, row_adapter, seq)
+    if h.shape[1] > 1 and h.stride(1) != 1:
+        raise ValueError(f"h: expected unit column stride; found strides {h.stride()}")
     if h.dtype != _acc_dtype(b_stack.dtype):
         raise ValueError(f"h: expected {_acc_dtype(b_stack.dtype)} as lora_shrink returns it for "
                          f"{b_stack.dtype} tables; found {h.dtype}")
@@ -156,30 +158,46 @@ def lora_expand_add_torch(y2: Tensor, h: Tensor, b_stack: Tensor, row_adapter: T
 if triton is not None:
 
     @triton.jit
-    def _shrink_kernel(X, A, ROWS, H, seq, n_in, s_x0, s_x1, s_a0, s_a1, s_a2,
-                       R: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
-        # H[t, :] = X[t, :]·A[a]ᵀ for BT tokens of one row, a = ROWS[row]; zeros where a = -1.
+    def _dot_acc(acc, x, a, IEEE: tl.constexpr):
+        if IEEE:
+            return acc + tl.dot(x, a, input_precision="ieee")
+        return acc + tl.dot(x, a)
+
+    @triton.jit
+    def _shrink_kernel(X, A0, A1, A2, ROWS, H, seq, n_in, s_x0, s_x1, s_a0, s_a1, s_a2,
+                       MEMBERS: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                       IEEE: tl.constexpr):
+        # H[t, m·R:(m + 1)·R] = X[t, :]·A_m[a]ᵀ for BT tokens of one row and the MEMBERS tables
+        # A0, A1, A2 (one shape and strides), a = ROWS[row]; zeros where a = -1. Each x tile is
+        # read once for all members.
         row = tl.program_id(0)
         rt = tl.program_id(1) * BT + tl.arange(0, BT)  # token within the row
         tok = row.to(tl.int64) * seq + rt  # (BT,) token index into X and H
         t_ok = rt < seq
         rr = tl.arange(0, R)
         adapter = tl.load(ROWS + row)
-        acc = tl.zeros((BT, R), dtype=tl.float32)
+        acc0 = tl.zeros((BT, R), dtype=tl.float32)
+        acc1 = tl.zeros((BT, R), dtype=tl.float32)
+        acc2 = tl.zeros((BT, R), dtype=tl.float32)
         if adapter >= 0:
-            a_base = A + adapter.to(tl.int64) * s_a0
+            a_off = adapter.to(tl.int64) * s_a0
             for k0 in range(0, n_in, BK):
                 rk = k0 + tl.arange(0, BK)
                 k_ok = rk < n_in
                 x = tl.load(X + tok[:, None] * s_x0 + rk[None, :] * s_x1, mask=t_ok[:, None] & k_ok[None, :],
                             other=0.0)  # (BT, BK)
-                a = tl.load(a_base + rr[None, :] * s_a1 + rk[:, None] * s_a2, mask=k_ok[:, None],
-                            other=0.0)  # (BK, R) = Aᵀ tile
-                if IEEE:
-                    acc += tl.dot(x, a, input_precision="ieee")
-                else:
-                    acc += tl.dot(x, a)
-        tl.store(H + tok[:, None] * R + rr[None, :], acc, mask=t_ok[:, None])
+                a_idx = a_off + rr[None, :] * s_a1 + rk[:, None] * s_a2  # (BK, R): the Aᵀ tile
+                acc0 = _dot_acc(acc0, x, tl.load(A0 + a_idx, mask=k_ok[:, None], other=0.0), IEEE)
+                if MEMBERS >= 2:
+                    acc1 = _dot_acc(acc1, x, tl.load(A1 + a_idx, mask=k_ok[:, None], other=0.0), IEEE)
+                if MEMBERS >= 3:
+                    acc2 = _dot_acc(acc2, x, tl.load(A2 + a_idx, mask=k_ok[:, None], other=0.0), IEEE)
+        h_ptr = H + tok[:, None] * (MEMBERS * R) + rr[None, :]
+        tl.store(h_ptr, acc0, mask=t_ok[:, None])
+        if MEMBERS >= 2:
+            tl.store(h_ptr + R, acc1, mask=t_ok[:, None])
+        if MEMBERS >= 3:
+            tl.store(h_ptr + 2 * R, acc2, mask=t_ok[:, None])
 
     @triton.jit
     def _expand_tile(H, B, adapter, tok, t_ok, rn, n_out, s_h0, h_col, s_b0, s_b1, s_b2, R: tl.constexpr,
@@ -197,7 +215,7 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _expand_kernel(H, B, ROWS, BIAS, OUT, seq, n_out, s_b0, s_b1, s_b2, s_o0, s_o1,
+    def _expand_kernel(H, B, ROWS, BIAS, OUT, seq, n_out, s_h0, s_b0, s_b1, s_b2, s_o0, s_o1,
                        HAS_BIAS: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
                        IEEE: tl.constexpr):
         # OUT[t, n] = H[t, :]·B[a][n, :] + BIAS[n] on one (row, token block, column block); BIAS alone where a = -1.
@@ -209,14 +227,14 @@ if triton is not None:
         adapter = tl.load(ROWS + row)
         acc = tl.zeros((BT, BN), dtype=tl.float32)
         if adapter >= 0:
-            acc = _expand_tile(H, B, adapter, tok, t_ok, rn, n_out, R, 0, s_b0, s_b1, s_b2, R, IEEE)
+            acc = _expand_tile(H, B, adapter, tok, t_ok, rn, n_out, s_h0, 0, s_b0, s_b1, s_b2, R, IEEE)
         if HAS_BIAS:
             acc += tl.load(BIAS + rn, mask=rn < n_out, other=0.0).to(tl.float32)[None, :]
         tl.store(OUT + tok[:, None] * s_o0 + rn[None, :] * s_o1, acc.to(OUT.dtype.element_ty),
                  mask=t_ok[:, None] & (rn[None, :] < n_out))
 
     @triton.jit
-    def _expand_add_kernel(H, B, ROWS, Y, seq, n_out, s_b0, s_b1, s_b2, s_y0, s_y1,
+    def _expand_add_kernel(H, B, ROWS, Y, seq, n_out, s_h0, s_b0, s_b1, s_b2, s_y0, s_y1,
                            R: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr):
         # Y[t, n] += H[t, :]·B[a][n, :] on one (row, token block, column block); nothing where a = -1.
         row = tl.program_id(0)
@@ -228,7 +246,7 @@ if triton is not None:
         if adapter >= 0:
             ok = t_ok[:, None] & (rn[None, :] < n_out)
             ptr = Y + tok[:, None] * s_y0 + rn[None, :] * s_y1
-            acc = _expand_tile(H, B, adapter, tok, t_ok, rn, n_out, R, 0, s_b0, s_b1, s_b2, R, IEEE)
+            acc = _expand_tile(H, B, adapter, tok, t_ok, rn, n_out, s_h0, 0, s_b0, s_b1, s_b2, R, IEEE)
             acc += tl.load(ptr, mask=ok, other=0.0).to(tl.float32)
             tl.store(ptr, acc.to(Y.dtype.element_ty), mask=ok)
 
@@ -238,7 +256,8 @@ def _block_t(seq: int) -> int:
 
 
 def _shrink_block_k(bt: int, R: int, elem_bytes: int) -> int:
-    """The largest BLOCK_K <= SHRINK_BLOCK_K (and >= 16) whose SHRINK_STAGES x and Aᵀ tiles fit SHRINK_SMEM_BYTES."""
+    """The largest BLOCK_K <= SHRINK_BLOCK_K (and >= 16) whose SHRINK_STAGES x and Aᵀ tiles fit
+    SHRINK_SMEM_BYTES (R: the columns of all the Aᵀ tiles a program reads)."""
     bk = SHRINK_BLOCK_K
     while bk > 16 and (bt + R) * bk * elem_bytes * SHRINK_STAGES > SHRINK_SMEM_BYTES:
         bk //= 2
@@ -261,21 +280,30 @@ def lora_shrink(x2: Tensor, a_stack: Tensor, row_adapter: Tensor, seq: int, chec
     (not checked: that would need a host sync). float64 inputs give a float64 h. `check=False`
     skips the argument checks, for callers that checked the same tables and shapes before.
     """
+    return lora_shrink_group(x2, [a_stack], row_adapter, seq, check)
+
+
+def lora_shrink_group(x2: Tensor, a_stacks: Sequence[Tensor], row_adapter: Tensor, seq: int,
+                      check: bool = True) -> Tensor:
+    """`lora_shrink` of several layers fed the same x2 (q/k/v, gate/up), one pass over x2:
+    h (T, M·R) whose columns m·R .. (m + 1)·R - 1 are `lora_shrink(x2, a_stacks[m], ...)`.
+
+    The M <= GROUP_MAX_MEMBERS tables share one shape (N, R, in) and dtype, each contiguous.
+    """
+    m = len(a_stacks)
     if check:
         _check_tokens("x2", x2, row_adapter, seq)
-        _check_table("a_stack", a_stack, (None, x2.shape[1]), x2.dtype, x2.device)
-    R = a_stack.shape[1]
-    if not kernels_usable(x2, R):
-        return lora_shrink_torch(x2, a_stack, row_adapter, seq)
-    h = torch.empty(x2.shape[0], R, dtype=torch.float32, device=x2.device)
-    if h.numel():
-        bt = _block_t(seq)
-        bk = _shrink_block_k(bt, R, x2.element_size())
-        _shrink_kernel[(row_adapter.shape[0], tk.cdiv(seq, bt))](
-            x2, a_stack, row_adapter, h, seq, x2.shape[1], x2.stride(0), x2.stride(1), a_stack.stride(0),
-            a_stack.stride(1), a_stack.stride(2), R=R, BT=bt, BK=bk, IEEE=x2.dtype == torch.float32,
-            num_warps=NUM_WARPS, num_stages=SHRINK_STAGES)
-    return h
+        if not 1 <= m <= GROUP_MAX_MEMBERS:
+            raise ValueError(f"expected 1 to {GROUP_MAX_MEMBERS} A tables; found {m}")
+        for i, a in enumerate(a_stacks):
+            _check_table(f"a_stack {i}" if m > 1 else "a_stack", a, (None, x2.shape[1]), x2.dtype, x2.device)
+            if m > 1 and (a.shape != a_stacks[0].shape or not a.is_contiguous()):
+                raise ValueError(f"a_stack {i}: expected a contiguous table of a_stack 0's shape "
+                                 f"{tuple(a_stacks[0].shape)}; found {tuple(a.shape)}")
+    if not kernels_usable(x2, a_stacks[0].shape[1]):
+        hs = [lora_shrink_torch(x2, a, row_adapter, seq) for a in a_stacks]
+        return hs[0] if m == 1 else torch.cat(hs, dim=1)
+    return _Shrink(x2, a_stacks, row_adapter, seq)(x2)
 
 
 def lora_expand(h: Tensor, b_stack: Tensor, row_adapter: Tensor, seq: int, bias: Tensor | None,
@@ -283,8 +311,8 @@ def lora_expand(h: Tensor, b_stack: Tensor, row_adapter: Tensor, seq: int, bias:
     """E (T, out) in out_dtype: E[t] = h[t]·b_stack[a]ᵀ + bias with a = row_adapter[t // seq].
 
     Rows whose adapter is -1 get the bias alone (zeros if bias is None). h (T, R) as
-    `lora_shrink` returns it; b_stack (N, out, R), already scaled; bias (out,) or None.
-    `check=False` as for `lora_shrink`.
+    `lora_shrink` returns it (or a column block of a wider h: its row stride may exceed R);
+    b_stack (N, out, R), already scaled; bias (out,) or None. `check=False` as for `lora_shrink`.
     """
     if check:
         _check_h(h, b_stack, row_adapter, seq)
@@ -293,14 +321,7 @@ def lora_expand(h: Tensor, b_stack: Tensor, row_adapter: Tensor, seq: int, bias:
         raise ValueError(f"bias: expected shape ({n_out},) on {h.device}; found {tuple(bias.shape)} on {bias.device}")
     if not kernels_usable(b_stack, R):
         return lora_expand_torch(h, b_stack, row_adapter, seq, bias, out_dtype)
-    out = torch.empty(h.shape[0], n_out, dtype=out_dtype, device=h.device)
-    if out.numel():
-        grid, bt, bn = _expand_grid(row_adapter.shape[0], seq, n_out, R)
-        _expand_kernel[grid](
-            h, b_stack, row_adapter, out if bias is None else bias, out, seq, n_out, b_stack.stride(0),
-            b_stack.stride(1), b_stack.stride(2), out.stride(0), out.stride(1), HAS_BIAS=bias is not None,
-            R=R, BT=bt, BN=bn, IEEE=b_stack.dtype == torch.float32, num_warps=NUM_WARPS)
-    return out
+    return _Expand(h.shape[0], b_stack, row_adapter, seq, bias, out_dtype, h.device)(h)
 
 
 def lora_expand_add_(y2: Tensor, h: Tensor, b_stack: Tensor, row_adapter: Tensor, seq: int,
@@ -318,10 +339,116 @@ def lora_expand_add_(y2: Tensor, h: Tensor, b_stack: Tensor, row_adapter: Tensor
     if y2.numel():
         grid, bt, bn = _expand_grid(row_adapter.shape[0], seq, n_out, R)
         _expand_add_kernel[grid](
-            h, b_stack, row_adapter, y2, seq, n_out, b_stack.stride(0), b_stack.stride(1), b_stack.stride(2),
-            y2.stride(0), y2.stride(1), R=R, BT=bt, BN=bn, IEEE=b_stack.dtype == torch.float32,
+            h, b_stack, row_adapter, y2, seq, n_out, h.stride(0), b_stack.stride(0), b_stack.stride(1),
+            b_stack.stride(2), y2.stride(0), y2.stride(1), R=R, BT=bt, BN=bn, IEEE=b_stack.dtype == torch.float32,
             num_warps=NUM_WARPS)
     return y2
+
+
+class _Shrink:
+    """`lora_shrink_group`'s kernel launch for inputs shaped like x2, its settings worked out once:
+    calling it with such an x2 returns h (T, M·R) float32."""
+
+    def __init__(self, x2: Tensor, a_stacks: Sequence[Tensor], row_adapter: Tensor, seq: int) -> None:
+        self.m, self.r = len(a_stacks), a_stacks[0].shape[1]
+        self.a = [*a_stacks, *[a_stacks[0]] * (GROUP_MAX_MEMBERS - self.m)]  # unused slots repeat the first
+        self.rows, self.seq, self.t, self.n_in, self.device = row_adapter, seq, x2.shape[0], x2.shape[1], x2.device
+        bt = _block_t(seq)
+        self.grid, self.bt = (row_adapter.shape[0], tk.cdiv(seq, bt)), bt
+        self.bk = _shrink_block_k(bt, self.m * self.r, x2.element_size())
+        self.ieee = x2.dtype == torch.float32
+
+    def __call__(self, x2: Tensor) -> Tensor:
+        h = torch.empty(self.t, self.m * self.r, dtype=torch.float32, device=self.device)
+        if self.t:
+            a = self.a[0]
+            _shrink_kernel[self.grid](
+                x2, *self.a, self.rows, h, self.seq, self.n_in, x2.stride(0), x2.stride(1), a.stride(0),
+                a.stride(1), a.stride(2), MEMBERS=self.m, R=self.r, BT=self.bt, BK=self.bk, IEEE=self.ieee,
+                num_warps=NUM_WARPS, num_stages=SHRINK_STAGES)
+        return h
+
+
+class _Expand:
+    """`lora_expand`'s kernel launch for `t`-token inputs, its settings worked out once: calling
+    it with an h (t, R) returns E (t, out) in out_dtype."""
+
+    def __init__(self, t: int, b_stack: Tensor, row_adapter: Tensor, seq: int, bias: Tensor | None,
+                 out_dtype: torch.dtype, device: torch.device) -> None:
+        self.b, self.rows, self.seq, self.t, self.bias = b_stack, row_adapter, seq, t, bias
+        self.n_out, self.dtype, self.device = b_stack.shape[1], out_dtype, device
+        self.grid, self.bt, self.bn = _expand_grid(row_adapter.shape[0], seq, self.n_out, b_stack.shape[2])
+        self.ieee = b_stack.dtype == torch.float32
+
+    def __call__(self, h: Tensor) -> Tensor:
+        out = torch.empty(self.t, self.n_out, dtype=self.dtype, device=self.device)
+        if self.t and self.n_out:
+            b, bias = self.b, self.bias
+            _expand_kernel[self.grid](
+                h, b, self.rows, out if bias is None else bias, out, self.seq, self.n_out, h.stride(0),
+                b.stride(0), b.stride(1), b.stride(2), out.stride(0), out.stride(1), HAS_BIAS=bias is not None,
+                R=b.shape[2], BT=self.bt, BN=self.bn, IEEE=self.ieee, num_warps=NUM_WARPS)
+        return out
+
+
+def _check_linear(x: Tensor, weight: Tensor, b_stack: Tensor) -> None:
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x: expected (n_rows, seq, in) or (n_rows, in); found shape {tuple(x.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1] or weight.dtype != x.dtype:
+        raise ValueError(f"weight: expected shape (out, {x.shape[-1]}) in {x.dtype}; "
+                         f"found {tuple(weight.shape)} in {weight.dtype}")
+    _check_table("b_stack", b_stack, (weight.shape[0], None), x.dtype, x.device)
+
+
+class MixedLinear:
+    """`multi_lora_linear` for inputs of one shape and dtype, with its arguments checked and the
+    kernels' launch settings worked out once, at construction from an example x.
+
+    A prefill-sized mixed-batch layer call repeats its shapes every forward; calling a plan
+    with such an x (same shape and dtype; its strides may differ) costs the two launches and
+    the GEMM, little more. `plan(x, h)` takes h (T, R) computed elsewhere instead of running
+    the shrink.
+    """
+
+    def __init__(self, x: Tensor, weight: Tensor, bias: Tensor | None, a_stack: Tensor, b_stack: Tensor,
+                 row_adapter: Tensor, check: bool = True, out_shape: tuple[int, ...] | None = None) -> None:
+        if check:
+            _check_linear(x, weight, b_stack)
+        n_out, n_in = weight.shape
+        self.seq = 1 if x.dim() == 2 else x.shape[1]
+        self.t = x.numel() // n_in
+        # the shape of y: x's with `out` last, or `out_shape` for a caller that passes x
+        # reshaped to (n_rows, seq, in) here and calls the plan with x as it came
+        self.out_shape = (*x.shape[:-1], n_out) if out_shape is None else out_shape
+        if check:
+            _check_tokens("x2", x.reshape(self.t, n_in), row_adapter, self.seq)
+            _check_table("a_stack", a_stack, (None, n_in), x.dtype, x.device)
+        self.weight, self.w_t, self.bias, self.n_in = weight, weight.T, bias, n_in
+        self.a_stack, self.b_stack, self.row_adapter = a_stack, b_stack, row_adapter
+        R = a_stack.shape[1]
+        self.kernels = kernels_usable(x, R) and kernels_usable(b_stack, R) and self.t > 0
+        if self.kernels:
+            x2 = x.reshape(self.t, n_in)
+            self.shrink = _Shrink(x2, [a_stack], row_adapter, self.seq)
+            self.expand = _Expand(self.t, b_stack, row_adapter, self.seq, bias, x.dtype, x.device)
+
+    def shares_shrink_with(self, other: MixedLinear) -> bool:
+        """Whether `lora_shrink_group` can compute this plan's h with `other`'s in one pass: the
+        same inputs (rows, tokens, `in`), A tables of one shape and dtype, both on one route."""
+        a, b = self.a_stack, other.a_stack
+        return (self.row_adapter is other.row_adapter and self.t == other.t and self.seq == other.seq
+                and a.shape == b.shape and a.dtype == b.dtype and a.is_contiguous() and b.is_contiguous()
+                and self.kernels == other.kernels)
+
+    def __call__(self, x: Tensor, h: Tensor | None = None) -> Tensor:
+        x2 = x.reshape(self.t, self.n_in)
+        if not self.kernels:
+            if h is None:
+                h = lora_shrink(x2, self.a_stack, self.row_adapter, self.seq, check=False)
+            e = lora_expand(h, self.b_stack, self.row_adapter, self.seq, self.bias, x.dtype, check=False)
+            return e.addmm_(x2, self.w_t).view(self.out_shape)
+        e = self.expand(self.shrink(x2) if h is None else h)
+        return e.addmm_(x2, self.w_t).view(self.out_shape)
 
 
 def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a_stack: Tensor, b_stack: Tensor,
@@ -332,21 +459,15 @@ def multi_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, a_stack: T
     (N, R, in) and b_stack (N, out, R) from `stack_adapters`; row_adapter (n_rows,) int32.
     Returns (n_rows, seq, out) or (n_rows, out) in x's dtype. The base GEMM adds into the
     expand kernel's output in place, so y costs no copy beyond it. `check=False` skips the
-    argument checks, for callers that checked the same tables and shapes before.
+    argument checks, for callers that checked the same tables and shapes before. A caller
+    that repeats one shape can keep a `MixedLinear` plan instead.
     """
-    if check:
-        if x.dim() not in (2, 3):
-            raise ValueError(f"x: expected (n_rows, seq, in) or (n_rows, in); found shape {tuple(x.shape)}")
-        if weight.dim() != 2 or weight.shape[1] != x.shape[-1] or weight.dtype != x.dtype:
-            raise ValueError(f"weight: expected shape (out, {x.shape[-1]}) in {x.dtype}; "
-                             f"found {tuple(weight.shape)} in {weight.dtype}")
-        _check_table("b_stack", b_stack, (weight.shape[0], None), x.dtype, x.device)
-    n_out, n_in = weight.shape
-    seq = 1 if x.dim() == 2 else x.shape[1]
-    x2 = x.reshape(-1, n_in)  # (T, in)
-    h = lora_shrink(x2, a_stack, row_adapter, seq, check=check)  # (T, R) float32
-    e = lora_expand(h, b_stack, row_adapter, seq, bias, x.dtype, check=check)  # (T, out)
-    return e.addmm_(x2, weight.T).view(*x.shape[:-1], n_out)
+    return MixedLinear(x, weight, bias, a_stack, b_stack, row_adapter, check=check)(x)
+
+
+# Prefill-sized calls of layers fed the same input (q/k/v, gate/up) share one shrink, one pass
+# over x for all of them (`lora_shrink_group`; LoraLinear._prefill_step). False: each layer alone.
+PREFILL_SIBLINGS = True
 
 
 # -- few tokens (decode): dense products over all adapters, masked per row ------------------
