@@ -309,21 +309,24 @@ def test_mixed_decode_replayed_from_a_cuda_graph_matches_eager(monkeypatch):
 
 
 @pytest.mark.parametrize("seq,decode", [(1, "dense"), (1, "dense-per-layer"), (1, "grouped"), (1, "grouped-per-layer"),
-                                        (300, "dense")])
+                                        (300, "dense"), (300, "dense-per-layer")])
 def test_bf16_mixed_batch_matches_each_row_alone(seq, decode, monkeypatch):
     """seq 1: the few-token route with its dense expand and its Triton expand kernel, layers fed
     one input sharing their launches or each alone, on the second call of the shape, the one that
-    groups them; seq 300: the prefill kernels."""
+    groups them; seq 300: the prefill kernels, in a second context, whose layers fed one input
+    share one shrink (learned in the first), or each alone."""
     from lorakit.ops import multi
 
     monkeypatch.setattr(multi, "DECODE_GROUPED", decode.startswith("grouped"))
     monkeypatch.setattr(multi, "DECODE_SIBLINGS", not decode.endswith("per-layer"))
+    monkeypatch.setattr(multi, "PREFILL_SIBLINGS", not decode.endswith("per-layer"))
     model, rows = mixed_llama()
     ids = torch.randint(0, 512, (len(rows), seq), device="cuda")
     with torch.no_grad():
-        with lorakit.route(model, rows):
-            model(input_ids=ids)
-            mixed = model(input_ids=ids).logits.float()
+        for _ in range(2):
+            with lorakit.route(model, rows):
+                model(input_ids=ids)
+                mixed = model(input_ids=ids).logits.float()
         for i, name in enumerate(rows):
             if name is None:
                 with lorakit.disable_adapters(model):

@@ -298,3 +298,74 @@ def test_prefill_checks_its_arguments_once_per_shape(monkeypatch):
         n_new_shape = len(checks) - n_first - n_again
     assert n_first > 0 and n_again == 0 and n_new_shape == n_first
     assert torch.equal(first, again)
+
+
+@pytest.mark.parametrize("kernels_on", [False, True], ids=["torch", "kernels"])
+def test_prefill_plans_carry_over_to_later_contexts_of_the_same_rows(monkeypatch, kernels_on):
+    """A later context of the same rows reuses the layers' prefill plans and index tensors (no
+    checks, nothing new on the device); other rows, or an adapter changed between the
+    contexts, get new ones; each context's results equal each row run with its adapter alone."""
+    monkeypatch.setattr(ops.multi, "DENSE_MAX_TOKENS", 0)
+    fused.use_kernels_on_cpu(kernels_on)
+    plans = []
+    real = ops.multi.MixedLinear.__init__
+    monkeypatch.setattr(ops.multi.MixedLinear, "__init__", lambda self, *a, **k: plans.append(self) or real(self, *a, **k))
+    model = with_adapters(tiny_llama_causal(), LLAMA_TARGETS)
+    n_layers = sum(isinstance(m, lorakit.LoraLayer) for m in model.modules())
+    ids = input_ids()
+    try:
+        with torch.no_grad():
+            outs = []
+            for rows in (["a", "b"], ["a", "b"], ["b", None], ["a", "b"]):
+                with lorakit.route(model, rows) as r:
+                    outs.append((rows, model(input_ids=ids).logits, r.row_tensor(("a", "b", "c"), 2, ids.device)))
+            counts = [len(plans)]
+            before = {n: alone(model, n, input_ids=ids) for n in ("a", "b", None)}
+            model.model.layers[0].self_attn.q_proj.lora_B["b"].mul_(3.0)
+            with lorakit.route(model, ["a", "b"]):
+                changed = model(input_ids=ids).logits
+            counts.append(len(plans))
+            want = {n: alone(model, n, input_ids=ids) for n in ("a", "b", None)}
+    finally:
+        fused.use_kernels_on_cpu(False)
+    # contexts 1, 3 (other rows) and 4 (back to the first rows, whose plans context 3 replaced) built plans
+    assert counts[0] == 3 * n_layers
+    assert counts[1] - counts[0] == 1  # only the layer whose adapter changed
+    assert outs[0][2] is outs[1][2] and outs[0][2] is not outs[2][2]  # the index tensor, shared by equal rows
+    assert torch.equal(outs[0][1], outs[1][1])
+    for (rows, out, _), i in ((outs[0], 0), (outs[0], 1), (outs[2], 0), (outs[2], 1), (outs[3], 1)):
+        assert rel(out[i], before[rows[i]][i]) < 1e-5
+    for i, name in enumerate(["a", "b"]):
+        assert rel(changed[i], want[name][i]) < 1e-5
+    assert not torch.allclose(changed[1], outs[3][1][1], atol=1e-4)
+
+
+@pytest.mark.parametrize("kernels_on", [False, True], ids=["torch", "kernels"])
+def test_prefill_layers_fed_one_input_share_one_shrink(monkeypatch, kernels_on):
+    """From the second context on, q/k/v and gate/up each run one shrink for the group (learned
+    from the first context), with results equal to each layer alone; turned off, none is shared."""
+    monkeypatch.setattr(ops.multi, "DENSE_MAX_TOKENS", 0)
+    fused.use_kernels_on_cpu(kernels_on)
+    groups = []
+    real = ops.multi.lora_shrink_group
+    monkeypatch.setattr(ops.multi, "lora_shrink_group", lambda x2, a, *r, **k: groups.append(len(a)) or real(x2, a, *r, **k))
+    model = with_adapters(tiny_llama_causal(), LLAMA_TARGETS, ranks=(4, 8, 6))  # one padded rank, 16
+    n_blocks = len(model.model.layers)
+    ids = input_ids()
+    try:
+        with torch.no_grad():
+            outs = []
+            for shared in (True, True, False):
+                monkeypatch.setattr(ops.multi, "PREFILL_SIBLINGS", shared)
+                groups.clear()
+                with lorakit.route(model, ["c", "a"]):
+                    outs.append((model(input_ids=ids).logits, sorted(groups)))
+            want = [alone(model, n, input_ids=ids)[i] for i, n in enumerate(["c", "a"])]
+    finally:
+        fused.use_kernels_on_cpu(False)
+    # each block: one shrink for q/k/v and one for gate/up (o and down run their own)
+    assert [g for g in outs[1][1] if g > 1] == [2] * n_blocks + [3] * n_blocks
+    assert all(g == 1 for g in outs[0][1] + outs[2][1])
+    for out, _ in outs:
+        for i in range(2):
+            assert rel(out[i], want[i]) < 1e-5

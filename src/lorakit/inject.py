@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from copy import deepcopy
@@ -36,6 +37,8 @@ class _State:
     def __init__(self) -> None:
         self.configs: dict[str, LoraConfig] = {}
         self.active: list[str] = []
+        # lorakit.route's index tensors, kept for later contexts of the same rows (route.Route)
+        self.route_tensors: OrderedDict = OrderedDict()
 
 
 def check_adapter_name(name: str) -> str:

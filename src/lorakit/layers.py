@@ -9,6 +9,7 @@ an adapter in PEFT's format is a key rename.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable
 from copy import deepcopy
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from lorakit import ops
 if TYPE_CHECKING:
     from lorakit.route import Route
 
+_VERSION = operator.attrgetter("_version")
 SUPPORTED_TYPES = "nn.Linear, transformers' Conv1D, nn.Embedding and nn.Conv2d"
 
 
@@ -81,7 +83,9 @@ class LoraLayer(nn.Module):
         self.route: Route | None = None
         self._stacks: dict[tuple, tuple] = {}  # padded adapter tables for the mixed-batch kernels
         self._plan: DecodePlan | None = None  # the last few-token mixed-batch call's tensors, reused by the next
-        self._checked: tuple | None = None  # the last prefill-sized mixed-batch call whose arguments were checked
+        # (route, call key, ops.multi.MixedLinear, what it was built from): the last prefill-sized
+        # mixed-batch call's plan
+        self._prefill: tuple | None = None
 
     def __getattr__(self, name: str):
         # Code that reads `layer.weight`, `layer.in_features`, ... sees the base layer's.
@@ -156,7 +160,7 @@ class LoraLayer(nn.Module):
         for table in (self.r, self.lora_alpha, self.scaling, self.lora_dropout):
             del table[name]
         self._stacks.clear()
-        self._plan = None
+        self._plan = self._prefill = None
         self.active_adapters = tuple(a for a in self.active_adapters if a != name)
 
     def set_active(self, names: Iterable[str]) -> None:
@@ -276,14 +280,23 @@ class LoraLinear(LoraLayer):
 
     def _routed_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         """Each batch row (dim 0 of x) with its own adapter or none."""
-        plan = self._plan
-        if (plan is not None and plan.route is self.route and plan.key == (x.shape, x.dtype, self.training)
-                and not args and not kwargs and not (torch.is_grad_enabled() or self.disabled or self.merged_adapters
-                                                     or torch.is_autocast_enabled(x.device.type))):
-            # decode: every step repeats the last step's shapes; skip the bookkeeping below
-            return self._decode_step(x, plan).view(*x.shape[:-1], self.out_features)
-        self.check_routable()
         route = self.route
+        repeatable = not (args or kwargs or torch.is_grad_enabled() or self.disabled or self.merged_adapters
+                          or torch.is_autocast_enabled(x.device.type))
+        if repeatable:
+            key = (x.shape, x.dtype, self.training)
+            plan = self._plan
+            if plan is not None and plan.route is route and plan.key == key:
+                # decode: every step repeats the last step's shapes; skip the bookkeeping below
+                return self._decode_step(x, plan).view(*x.shape[:-1], self.out_features)
+            held = self._prefill
+            if held is not None and held[0] is route and held[1] == key:
+                return self._prefill_step(x, held[2])  # a prefill-sized call repeated within one context
+            if x.numel() > ops.multi.DENSE_MAX_TOKENS * x.shape[-1]:
+                plan = self._prefill_plan_for(x)
+                if plan is not None:
+                    return self._prefill_step(x, plan)
+        self.check_routable()
         loaded = self._modules[self.a_name]._parameters  # the table's own dict: this runs for every layer call
         names = [n for n in route.names if n in loaded]
         differentiable = torch.is_grad_enabled() or (self.training and any(self.lora_dropout[n] for n in names))
@@ -297,35 +310,93 @@ class LoraLinear(LoraLayer):
         row_adapter = route.row_tensor(tuple(names), rows, x.device)
         x3 = x.reshape(rows, -1, n_in)  # (rows, seq, in)
         x2, seq = x3.reshape(-1, n_in), x3.shape[1]
-        base = self.base_layer
+        base = self._modules["base_layer"]
         plain = not args and not kwargs and ops.fast_path_blocker(base, x) is None and base.weight.dtype == x.dtype
         weight = base.weight.T if self.fan_in_fan_out else base.weight  # (out, in)
         if x2.shape[0] <= ops.multi.DENSE_MAX_TOKENS:
             n, r = a_stack.shape[:2]
             mask = route.cached(("mask", tuple(names), rows, seq, r, x.dtype, x.device),
-                                lambda: ops.multi.dense_row_mask(row_adapter, seq, n, r, x.dtype))
+                                lambda: ops.multi.dense_row_mask(row_adapter, seq, n, r, x.dtype), across_contexts=True)
             a_cat, b_cat = self.stacked(route, tuple(names), x.dtype, x.device, dense=True)
             if not plain:
                 y = base(x, *args, **kwargs).reshape(-1, n_out)
                 return ops.multi.dense_expand_add_(y, x2, a_cat, b_cat, mask).reshape(*x.shape[:-1], n_out)
             tokens = route.cached(("tokens", tuple(names), rows, seq, x.device), lambda: ops.multi.adapter_tokens(
-                route.row_indices(tuple(names), rows), seq, n, x.device))
+                route.row_indices(tuple(names), rows), seq, n, x.device), across_contexts=True)
             self._plan = DecodePlan(route, (x.shape, x.dtype, self.training), weight, base.bias, b_stack, a_cat, b_cat,
                                     mask, tokens)
             route.note_input(self, x)
             y = self._decode_step(x, self._plan, group=False)
-        else:
-            # The first call of a context and shape checks the tables and shapes; later calls,
-            # which repeat them, skip the checks (host time per layer call).
-            key = (id(a_stack), id(b_stack), id(row_adapter), x.shape, x.dtype)
-            check, self._checked = self._checked != key, key
-            if plain:
-                y = ops.multi.multi_lora_linear(x3, weight, base.bias, a_stack, b_stack, row_adapter, check=check)
-            else:
-                y = base(x, *args, **kwargs).reshape(-1, n_out)
-                h = ops.multi.lora_shrink(x2, a_stack, row_adapter, seq, check=check)
-                ops.multi.lora_expand_add_(y, h, b_stack, row_adapter, seq, check=check)
+        else:  # prefill-sized and not plain (plain ones took `_prefill_plan_for`'s plan above)
+            y = base(x, *args, **kwargs).reshape(-1, n_out)
+            h = ops.multi.lora_shrink(x2, a_stack, row_adapter, seq)
+            ops.multi.lora_expand_add_(y, h, b_stack, row_adapter, seq)
         return y.reshape(*x.shape[:-1], n_out)
+
+    def _prefill_plan_for(self, x: Tensor) -> ops.multi.MixedLinear | None:
+        """This layer's plan for a prefill-sized plain call on x in the open context, made now if
+        it has none (None where such a call takes another path).
+
+        The plan of the last such call is reused if it was made for the same tables, index
+        tensor, base weight and call shape: a later context of the same rows gets the same
+        index tensor from `Route`, so its layers check nothing again. A group's first layer calls
+        this for the other members too (`_prefill_step`), ahead of their own calls.
+        """
+        route = self.route
+        if (route is None or torch.is_grad_enabled() or self.disabled or self.merged_adapters
+                or torch.is_autocast_enabled(x.device.type)):
+            return None
+        key = (x.shape, x.dtype, self.training)
+        held = self._prefill
+        if held is not None and held[0] is route and held[1] == key:
+            return held[2]
+        loaded = self._modules[self.a_name]._parameters
+        names = tuple(n for n in route.names if n in loaded)
+        base = self._modules["base_layer"]
+        if (not names or (self.training and any(self.lora_dropout[n] for n in names))
+                or ops.fast_path_blocker(base, x) is not None or base.weight.dtype != x.dtype):
+            return None
+        a_stack, b_stack = self.stacked(route, names, x.dtype, x.device)
+        row_adapter = route.row_tensor(names, x.shape[0], x.device)
+        parts = (a_stack, b_stack, row_adapter, base.weight, base.bias)
+        if held is not None and held[1] == key and all(p is q for p, q in zip(held[3], parts)):
+            plan = held[2]
+        else:
+            weight = base.weight.T if self.fan_in_fan_out else base.weight  # (out, in)
+            plan = ops.multi.MixedLinear(x.reshape(x.shape[0], -1, x.shape[-1]), weight, base.bias, a_stack, b_stack,
+                                         row_adapter, out_shape=(*x.shape[:-1], self.out_features))
+        self.__dict__["_prefill"] = (route, key, plan, parts)  # not nn.Module's __setattr__: host time
+        return plan
+
+    def _prefill_step(self, x: Tensor, plan: ops.multi.MixedLinear) -> Tensor:
+        """y of a prefill-sized mixed batch by its plan.
+
+        Layers called one after another on one tensor (q/k/v, gate/up), as seen in an earlier
+        call (`Route.note_input`, kept on the layers when a context closes), share one shrink:
+        the first of them, when called, runs `lora_shrink_group` for all whose tables match
+        its own and leaves each its columns of h, which it takes if it is called next on that
+        same, unmodified x; a layer that finds none runs its own shrink.
+        """
+        route = self.route
+        route.note_input(self, x)
+        h = route.take(self, x)
+        if h is None and ops.multi.PREFILL_SIBLINGS:
+            group = self.__dict__.get("_siblings")
+            if group is not None and group[0] is self:
+                members = []
+                for m in group[1:ops.multi.GROUP_MAX_MEMBERS]:
+                    p = m._prefill_plan_for(x) if m.route is route else None
+                    if p is not None and p.shares_shrink_with(plan):
+                        members.append((m, p))
+                if members:
+                    h_all = ops.multi.lora_shrink_group(x.reshape(plan.t, plan.n_in),
+                                                        [plan.a_stack] + [p.a_stack for _, p in members],
+                                                        plan.row_adapter, plan.seq, check=False)
+                    r = plan.a_stack.shape[1]
+                    for i, (m, _) in enumerate(members, 1):
+                        route.leave(m, x, h_all[:, i * r:(i + 1) * r])
+                    h = h_all[:, :r]
+        return plan(x, h)
 
     def _decode_step(self, x: Tensor, plan: DecodePlan, group: bool = True) -> Tensor:
         """y2 (T, out) of a few-token mixed batch: the base GEMM, then the LoRA branch added in place.
@@ -365,18 +436,21 @@ class LoraLinear(LoraLayer):
             # The tables' own dicts, not ParameterDict's __getitem__: this runs for every layer of
             # every prefill, and 2·N lookups through the module machinery cost more host time
             # than the layer's kernels take to launch.
+            # The stamp is the factors themselves (held, so that no id is reused) and their
+            # in-place versions, read by C-level maps: it runs once per layer and context.
             pa, pb = self.A_table._parameters, self.B_table._parameters
-            stamp = tuple((id(t), t._version) for n in names for t in (pa[n], pb[n]))
-            if held is None or held[1] != stamp:
+            params = (*map(pa.__getitem__, names), *map(pb.__getitem__, names))
+            versions = tuple(map(_VERSION, params))
+            if held is None or held[2] != versions or not all(map(operator.is_, params, held[1])):
                 with torch.no_grad():
                     a_stack, b_stack, _ = ops.multi.stack_adapters([self.A_table[n] for n in names],
                                                                    [self.B_table[n] for n in names],
                                                                    [self.scaling[n] for n in names], dtype, device)
-                    held = (route, stamp, (a_stack, b_stack), ops.multi.dense_tables(a_stack, b_stack))
+                    held = (route, params, versions, (a_stack, b_stack), ops.multi.dense_tables(a_stack, b_stack))
             else:
                 held = (route, *held[1:])
             self._stacks[key] = held
-        return held[3] if dense else held[2]
+        return held[4] if dense else held[3]
 
 
 class LoraEmbedding(LoraLayer):
