@@ -135,6 +135,13 @@ def test_decode_steps_share_one_launch_among_layers_fed_one_input(monkeypatch):
             assert launches == [3, 1, 2, 1] * blocks
             with lorakit.disable_adapters(model):  # outputs computed ahead are not taken by a disabled layer
                 assert torch.equal(model(input_ids=ids).logits, alone(model, None, input_ids=ids))
+            k_proj = model.model.layers[0].self_attn.k_proj
+            k_proj.disabled = True  # one member off: its group's next step leaves it out
+            launches.clear()
+            model(input_ids=ids)
+            assert launches == [2, 1, 2, 1] + [3, 1, 2, 1] * (blocks - 1)
+            k_proj.disabled = False
+            assert torch.equal(model(input_ids=ids).logits, second)
     finally:
         fused.use_kernels_on_cpu(False)
     assert torch.equal(first, second)

@@ -41,6 +41,8 @@ class DecodePlan:
     b_cat: Tensor  # (out, N·R)
     mask: Tensor  # (T, N·R)
     tokens: ops.multi.AdapterTokens
+    # (members, their plans, ops.multi.GroupedDecode): the group this layer leads, as its last step ran it
+    group_run: tuple | None = None
 
     def fits(self, other: DecodePlan) -> bool:
         """Whether this layer can share `other`'s grouped launches: same context, call shape and tables' N and R."""
@@ -409,19 +411,27 @@ class LoraLinear(LoraLayer):
         if held is not None:
             return held
         multi = ops.multi
-        members = [self]
-        if group and multi.DECODE_SIBLINGS:
-            members = [m for m in route.siblings.get(self, (self,))
-                       if m._plan is not None and m._plan.fits(plan) and not (m.disabled or m.merged_adapters)]
-            if members[0] is not self:
-                members = [self]
-        plans = [m._plan for m in members]
-        a_group = route.cached(("group table", *(id(p.a_cat) for p in plans)),
-                               lambda: multi.group_table([p.a_cat for p in plans]))
+        if not group:  # the first call of a shape checks its tables
+            ys = [F.linear(x2, plan.weight, plan.bias)]
+            return multi.grouped_decode_add_(ys, x2, plan.a_cat, [plan.b_stack], plan.tokens, plan.mask,
+                                             [plan.b_cat])[0]
+        run = plan.group_run
+        if run is None or not all(m._plan is p and not (m.disabled or m.merged_adapters) for m, p in zip(*run[:2])):
+            members = [self]
+            if multi.DECODE_SIBLINGS:
+                members = [m for m in route.siblings.get(self, (self,))
+                           if m._plan is not None and m._plan.fits(plan) and not (m.disabled or m.merged_adapters)]
+                if members[0] is not self:
+                    members = [self]
+            plans = [m._plan for m in members]
+            a_group = route.cached(("group table", *(id(p.a_cat) for p in plans)),
+                                   lambda: multi.group_table([p.a_cat for p in plans]))
+            # each member's tables were checked at its first call of the shape
+            run = plan.group_run = (members, plans, multi.GroupedDecode(
+                x2, a_group, [p.b_stack for p in plans], plan.tokens, plan.mask, [p.b_cat for p in plans]))
+        members, plans, grouped = run
         ys = [F.linear(x2, p.weight, p.bias) for p in plans]
-        # The first call of a shape (group=False) checks its tables; a group's members were each checked so.
-        multi.grouped_decode_add_(ys, x2, a_group, [p.b_stack for p in plans], plan.tokens, plan.mask,
-                                  [p.b_cat for p in plans], check=not group)
+        grouped(ys, x2)
         for m, y in zip(members[1:], ys[1:]):
             route.leave(m, x, y)
         return ys[0]

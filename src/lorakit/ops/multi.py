@@ -597,33 +597,55 @@ def grouped_decode_add_(ys: Sequence[Tensor], x2: Tensor, a_group: Tensor, b_sta
     None. `kernel`: the Triton expand, or dense (None: `grouped_kernel` decides). `check=False`
     skips the checks of the arguments, for callers that checked the same tables and shapes
     before (a decode step repeats the last one's). Returns ys."""
-    n, _, R = b_stacks[0].shape
     if check:
         _check_group(ys, x2, a_group, b_stacks, tokens)
-    h_all = x2 @ a_group.T  # (T, M·N·R)
-    if not (grouped_kernel(b_stacks[0]) if kernel is None else kernel and kernels_usable(b_stacks[0], R)):
-        if mask is None:
-            mask = dense_row_mask(tokens.row_adapter, tokens.seq, n, R, x2.dtype)
-        h_all.view(x2.shape[0], len(ys), n * R).mul_(mask[:, None, :])
-        for m, (y2, b) in enumerate(zip(ys, b_stacks)):
-            b_cat = dense_b_table(b) if b_cats is None else b_cats[m]
-            y2.addmm_(h_all[:, m * n * R:(m + 1) * n * R], b_cat.T)
+    return GroupedDecode(x2, a_group, b_stacks, tokens, mask, b_cats, kernel)(ys, x2)
+
+
+class GroupedDecode:
+    """`grouped_decode_add_` for one group's tables and tokens, with its route (kernel or dense)
+    and launch settings worked out once; `run(ys, x2)` does the step's work, checking nothing.
+    A decode step repeats the last one's tables and tokens, so a layer keeps one for a context.
+    Settings are read at construction (DECODE_GROUPED, GROUP_CONFIG)."""
+
+    def __init__(self, x2: Tensor, a_group: Tensor, b_stacks: Sequence[Tensor], tokens: AdapterTokens,
+                 mask: Tensor | None = None, b_cats: Sequence[Tensor] | None = None, kernel: bool | None = None) -> None:
+        n, _, R = b_stacks[0].shape
+        self.a_t, self.b_stacks, self.nr, self.t = a_group.T, list(b_stacks), n * R, x2.shape[0]
+        self.kernel = grouped_kernel(b_stacks[0]) if kernel is None else kernel and kernels_usable(b_stacks[0], R)
+        if not self.kernel:
+            self.mask = (dense_row_mask(tokens.row_adapter, tokens.seq, n, R, x2.dtype) if mask is None else mask)[:, None, :]
+            self.b_cats_t = [(dense_b_table(b) if b_cats is None else b_cats[m]).T for m, b in enumerate(b_stacks)]
+            return
+        self.launches = []  # (grid, members of the launch, its slots, static arguments, constexprs)
+        if not self.t or not tokens.max_tokens:
+            return
+        bn = GROUP_CONFIG["BN"]
+        for g in range(0, len(b_stacks), GROUP_MAX_MEMBERS):
+            part = list(range(g, min(g + GROUP_MAX_MEMBERS, len(b_stacks))))
+            blocks = [tk.cdiv(b_stacks[m].shape[1], bn) for m in part]
+            slots = part + [part[0]] * (GROUP_MAX_MEMBERS - len(part))  # unused slots repeat the first member
+            grid = (n, tk.cdiv(tokens.max_tokens, GROUP_BLOCK_T), sum(blocks))
+            head = (g * n * R, n * R, tokens.order, tokens.starts)
+            tail = (blocks[0], blocks[1] if len(part) > 1 else 0)
+            consts = dict(MEMBERS=len(part), R=R, BT=GROUP_BLOCK_T, BN=bn, IEEE=x2.dtype == torch.float32,
+                          num_warps=GROUP_CONFIG["num_warps"])
+            self.launches.append((grid, slots, head, tail, consts))
+
+    def __call__(self, ys: Sequence[Tensor], x2: Tensor) -> list[Tensor]:
+        h_all = torch.mm(x2, self.a_t)  # (T, M·N·R)
+        if not self.kernel:
+            h_all.view(self.t, len(ys), self.nr).mul_(self.mask)
+            for m, (y2, b_t) in enumerate(zip(ys, self.b_cats_t)):
+                y2.addmm_(h_all[:, m * self.nr:(m + 1) * self.nr], b_t)
+            return list(ys)
+        bs = self.b_stacks
+        for grid, slots, head, tail, consts in self.launches:
+            args = []
+            for m in slots:
+                args += [bs[m], ys[m], ys[m].stride(0), bs[m].shape[1]]
+            _grouped_expand_kernel[grid](h_all, h_all.stride(0), *head, *args, *tail, **consts)
         return list(ys)
-    if not x2.shape[0] or not tokens.max_tokens:
-        return list(ys)
-    bn = GROUP_CONFIG["BN"]
-    for g in range(0, len(ys), GROUP_MAX_MEMBERS):
-        part = list(range(g, min(g + GROUP_MAX_MEMBERS, len(ys))))
-        blocks = [tk.cdiv(b_stacks[m].shape[1], bn) for m in part]
-        args = []
-        for m in part + [part[0]] * (GROUP_MAX_MEMBERS - len(part)):  # unused slots repeat the first member
-            args += [b_stacks[m], ys[m], ys[m].stride(0), b_stacks[m].shape[1]]
-        grid = (n, tk.cdiv(tokens.max_tokens, GROUP_BLOCK_T), sum(blocks))
-        _grouped_expand_kernel[grid](
-            h_all, h_all.stride(0), g * n * R, n * R, tokens.order, tokens.starts, *args, blocks[0],
-            blocks[1] if len(part) > 1 else 0, MEMBERS=len(part), R=R, BT=GROUP_BLOCK_T, BN=bn,
-            IEEE=x2.dtype == torch.float32, num_warps=GROUP_CONFIG["num_warps"])
-    return list(ys)
 
 
 if triton is not None:
