@@ -29,7 +29,7 @@ import sys
 import time
 
 import torch
-from infer import N_ADAPTERS, TARGETS, build_base, prefill, realistic_b
+from infer import N_ADAPTERS, build_adapted, build_base, prefill
 from train_step import capture, llama_1b_config, replay_times
 
 SLEEP_S = 0.25  # the GPU's head start: longer than any call's host time
@@ -90,12 +90,7 @@ def main() -> None:
     ids = torch.randint(1, vocab, (16, 512), device="cuda", generator=g)
     names = [f"a{i}" for i in range(N_ADAPTERS)]
     base = build_base()
-    lk = build_base()
-    for name in names:
-        lorakit.inject(lk, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS,
-                                              init_lora_weights="gaussian"), name)
-    lorakit.set_adapter(lk, names[0])
-    realistic_b(lk)
+    lk = build_adapted(names)
     cycles = sleep_cycles(SLEEP_S)
 
     def routed(fn):

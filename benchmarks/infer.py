@@ -49,6 +49,20 @@ def build_base():
         return LlamaForCausalLM(llama_1b_config()).to(torch.bfloat16).eval()
 
 
+def build_adapted(names):
+    """The base model with one adapter per name (r = 16, alpha 32, all seven projections, B as
+    `realistic_b` makes it), the first set active."""
+    import lorakit
+
+    lk = build_base()
+    for name in names:
+        lorakit.inject(lk, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS,
+                                              init_lora_weights="gaussian"), name)
+    lorakit.set_adapter(lk, names[0])
+    realistic_b(lk)
+    return lk
+
+
 def realistic_b(model, std: float = 5e-4) -> None:
     """Give every adapter's B random values of standard deviation `std` (A is already random).
 
@@ -220,15 +234,10 @@ def main() -> None:
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
 
     base = build_base()
-    lk = build_base()
-    for name in names:
-        lorakit.inject(lk, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS,
-                                              init_lora_weights="gaussian"), name)
-    lorakit.set_adapter(lk, names[0])
+    lk = build_adapted(names)
     merged = build_base()
     lorakit.inject(merged, lorakit.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS,
                                               init_lora_weights="gaussian"))
-    realistic_b(lk)
     realistic_b(merged)
     # Two controls for "merged = base": a second copy of the base model (how much two copies of
     # the same model differ) and the merged weights in the plain model, no lorakit layers left.
