@@ -291,11 +291,8 @@ class LoraLinear(LoraLayer):
             if plan is not None and plan.route is route and plan.key == key:
                 # decode: every step repeats the last step's shapes; skip the bookkeeping below
                 return self._decode_step(x, plan).view(*x.shape[:-1], self.out_features)
-            held = self._prefill
-            if held is not None and held[0] is route and held[1] == key:
-                return self._prefill_step(x, held[2])  # a prefill-sized call repeated within one context
             if x.numel() > ops.multi.DENSE_MAX_TOKENS * x.shape[-1]:
-                plan = self._prefill_plan_for(x)
+                plan = self._prefill_plan(x, key)
                 if plan is not None:
                     return self._prefill_step(x, plan)
         self.check_routable()
@@ -336,19 +333,24 @@ class LoraLinear(LoraLayer):
         return y.reshape(*x.shape[:-1], n_out)
 
     def _prefill_plan_for(self, x: Tensor) -> ops.multi.MixedLinear | None:
-        """This layer's plan for a prefill-sized plain call on x in the open context, made now if
-        it has none (None where such a call takes another path).
+        """`_prefill_plan` for a call of this layer on x that has not been made yet: a group's first
+        layer asks it for the other members (`_prefill_step`), ahead of their own calls."""
+        if (self.route is None or torch.is_grad_enabled() or self.disabled or self.merged_adapters
+                or torch.is_autocast_enabled(x.device.type)):
+            return None
+        return self._prefill_plan(x, (x.shape, x.dtype, self.training))
+
+    def _prefill_plan(self, x: Tensor, key: tuple) -> ops.multi.MixedLinear | None:
+        """This layer's plan for a prefill-sized plain call on x in the open context (key: x's shape
+        and dtype, training), made now if it has none; None where such a call takes another path.
+        The caller has checked that the call is repeatable (no gradients, autocast, merged or
+        disabled adapters, extra arguments).
 
         The plan of the last such call is reused if it was made for the same tables, index
         tensor, base weight and call shape: a later context of the same rows gets the same
-        index tensor from `Route`, so its layers check nothing again. A group's first layer calls
-        this for the other members too (`_prefill_step`), ahead of their own calls.
+        index tensor from `Route`, so its layers check nothing again.
         """
         route = self.route
-        if (route is None or torch.is_grad_enabled() or self.disabled or self.merged_adapters
-                or torch.is_autocast_enabled(x.device.type)):
-            return None
-        key = (x.shape, x.dtype, self.training)
         held = self._prefill
         if held is not None and held[0] is route and held[1] == key:
             return held[2]
@@ -415,12 +417,15 @@ class LoraLinear(LoraLayer):
             ys = [F.linear(x2, plan.weight, plan.bias)]
             return multi.grouped_decode_add_(ys, x2, plan.a_cat, [plan.b_stack], plan.tokens, plan.mask,
                                              [plan.b_cat])[0]
+        def joins(m: LoraLinear) -> bool:  # a member runs in the group only with its adapters neither off nor merged
+            return not (m.disabled or m.merged_adapters)
+
         run = plan.group_run
-        if run is None or not all(m._plan is p and not (m.disabled or m.merged_adapters) for m, p in zip(*run[:2])):
+        if run is None or not all(m._plan is p and joins(m) for m, p in zip(*run[:2])):
             members = [self]
             if multi.DECODE_SIBLINGS:
                 members = [m for m in route.siblings.get(self, (self,))
-                           if m._plan is not None and m._plan.fits(plan) and not (m.disabled or m.merged_adapters)]
+                           if m._plan is not None and m._plan.fits(plan) and joins(m)]
                 if members[0] is not self:
                     members = [self]
             plans = [m._plan for m in members]

@@ -77,12 +77,8 @@ class Route:
 
     def row_tensor(self, names: tuple[str, ...], n_rows: int, device: torch.device) -> Tensor:
         """(n_rows,) int32: `row_indices` on `device`."""
-        key = ("index", names, n_rows, device)
-        held = self._tensors.get(key)
-        if held is None:
-            held = self.cached(key, lambda: torch.tensor(self.row_indices(names, n_rows), dtype=torch.int32,
-                                                         device=device), across_contexts=True)
-        return held
+        return self.cached(("index", names, n_rows, device), lambda: torch.tensor(
+            self.row_indices(names, n_rows), dtype=torch.int32, device=device), across_contexts=True)
 
     def cached(self, key: tuple, make, across_contexts: bool = False):
         """A value built by `make()` once per route context and shared by every layer asking with

@@ -425,16 +425,18 @@ class MixedLinear:
             _check_table("a_stack", a_stack, (None, n_in), x.dtype, x.device)
         self.weight, self.w_t, self.bias, self.n_in = weight, weight.T, bias, n_in
         self.a_stack, self.b_stack, self.row_adapter = a_stack, b_stack, row_adapter
-        R = a_stack.shape[1]
+        R, seq, dtype = a_stack.shape[1], self.seq, x.dtype
         self.kernels = kernels_usable(x, R) and kernels_usable(b_stack, R) and self.t > 0
         if self.kernels:
-            x2 = x.reshape(self.t, n_in)
-            self.shrink = _Shrink(x2, [a_stack], row_adapter, self.seq)
-            self.expand = _Expand(self.t, b_stack, row_adapter, self.seq, bias, x.dtype, x.device)
+            self.shrink = _Shrink(x.reshape(self.t, n_in), [a_stack], row_adapter, seq)
+            self.expand = _Expand(self.t, b_stack, row_adapter, seq, bias, dtype, x.device)
+        else:  # the torch ops, as lora_shrink and lora_expand run them where the kernels cannot
+            self.shrink = lambda x2: lora_shrink_torch(x2, a_stack, row_adapter, seq)
+            self.expand = lambda h: lora_expand_torch(h, b_stack, row_adapter, seq, bias, dtype)
 
     def shares_shrink_with(self, other: MixedLinear) -> bool:
         """Whether `lora_shrink_group` can compute this plan's h with `other`'s in one pass: the
-        same inputs (rows, tokens, `in`), A tables of one shape and dtype, both on one route."""
+        same index tensor and tokens, A tables of one shape and dtype, both contiguous, one path."""
         a, b = self.a_stack, other.a_stack
         return (self.row_adapter is other.row_adapter and self.t == other.t and self.seq == other.seq
                 and a.shape == b.shape and a.dtype == b.dtype and a.is_contiguous() and b.is_contiguous()
@@ -442,11 +444,6 @@ class MixedLinear:
 
     def __call__(self, x: Tensor, h: Tensor | None = None) -> Tensor:
         x2 = x.reshape(self.t, self.n_in)
-        if not self.kernels:
-            if h is None:
-                h = lora_shrink(x2, self.a_stack, self.row_adapter, self.seq, check=False)
-            e = lora_expand(h, self.b_stack, self.row_adapter, self.seq, self.bias, x.dtype, check=False)
-            return e.addmm_(x2, self.w_t).view(self.out_shape)
         e = self.expand(self.shrink(x2) if h is None else h)
         return e.addmm_(x2, self.w_t).view(self.out_shape)
 
@@ -604,7 +601,7 @@ def grouped_decode_add_(ys: Sequence[Tensor], x2: Tensor, a_group: Tensor, b_sta
 
 class GroupedDecode:
     """`grouped_decode_add_` for one group's tables and tokens, with its route (kernel or dense)
-    and launch settings worked out once; `run(ys, x2)` does the step's work, checking nothing.
+    and launch settings worked out once; calling it with (ys, x2) does the step's work, checking nothing.
     A decode step repeats the last one's tables and tokens, so a layer keeps one for a context.
     Settings are read at construction (DECODE_GROUPED, GROUP_CONFIG)."""
 
@@ -617,7 +614,7 @@ class GroupedDecode:
             self.mask = (dense_row_mask(tokens.row_adapter, tokens.seq, n, R, x2.dtype) if mask is None else mask)[:, None, :]
             self.b_cats_t = [(dense_b_table(b) if b_cats is None else b_cats[m]).T for m, b in enumerate(b_stacks)]
             return
-        self.launches = []  # (grid, members of the launch, its slots, static arguments, constexprs)
+        self.launches = []  # (grid, the member in each kernel slot, arguments before and after the slots, constexprs)
         if not self.t or not tokens.max_tokens:
             return
         bn = GROUP_CONFIG["BN"]
